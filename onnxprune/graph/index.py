@@ -1,0 +1,202 @@
+"""A read-mostly view of a graph: who produces and consumes each tensor, constant values, inferred shapes.
+
+Weights may be initializers or ``Constant`` nodes (Paddle, Caffe2 and some TF exporters use the latter); this index
+makes the two look alike, so that no rule has to care where a weight lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxprune.graph.io import LoadedModel
+
+Dims = list  # list[int | None]: None is an unknown (symbolic) size
+
+
+@dataclass
+class Use:
+    """One node slot: ``node.input[index]`` (a consumer) or ``node.output[index]`` (a producer)."""
+
+    node: onnx.NodeProto
+    index: int
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute's Python value, or ``default``."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _constant_node_value(node: onnx.NodeProto, model: LoadedModel) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return model.array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def _subgraph_outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads from enclosing scopes (not defined inside it)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        defined.update(node.output)
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                used |= _subgraph_outer_names(sub)
+    return used - defined
+
+
+class GraphIndex:
+    """Producers, consumers, constants and shapes of the main graph of a model.
+
+    Args:
+        model: the loaded model (not modified).
+        input_shapes: optional static shapes for graph inputs, e.g. ``{"x": [1, 3, 224, 224]}``; dynamic dims
+            that are not given stay unknown.
+    """
+
+    def __init__(self, model: LoadedModel, input_shapes: dict[str, list[int]] | None = None) -> None:
+        self.model = model
+        graph = model.proto.graph
+        self.graph = graph
+        self.opset = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constant_nodes: dict[str, onnx.NodeProto] = {}
+        self.producer: dict[str, Use] = {}
+        self.consumers: dict[str, list[Use]] = {}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                self.constant_nodes[node.output[0]] = node
+            for i, name in enumerate(node.output):
+                if name:
+                    self.producer[name] = Use(node, i)
+            for i, name in enumerate(node.input):
+                if name:
+                    self.consumers.setdefault(name, []).append(Use(node, i))
+        self.graph_inputs = {i.name for i in graph.input if i.name not in self.initializers}
+        self.graph_outputs = {o.name for o in graph.output}
+        self.subgraph_users: dict[str, onnx.NodeProto] = {}
+        for node in graph.node:
+            for a in node.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                for sub in subs:
+                    for name in _subgraph_outer_names(sub):
+                        self.subgraph_users.setdefault(name, node)
+        self._values: dict[str, np.ndarray] = {}
+        self.shapes, self.dtypes = _infer_shapes(model.proto, input_shapes or {})
+        for name, tensor in self.initializers.items():
+            self.shapes[name] = list(tensor.dims)
+            self.dtypes[name] = tensor.data_type
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or name in self.constant_nodes
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant-node output; None for anything computed at run time."""
+        if name in self._values:
+            return self._values[name]
+        value = None
+        if name in self.initializers:
+            value = self.model.array(self.initializers[name])
+        elif name in self.constant_nodes:
+            value = _constant_node_value(self.constant_nodes[name], self.model)
+        if value is not None:
+            self._values[name] = value
+        return value
+
+    def const_tensor(self, name: str) -> onnx.TensorProto | None:
+        """The TensorProto holding a constant (initializer or Constant node's ``value``), for in-place edits."""
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.constant_nodes.get(name)
+        if node is not None:
+            for a in node.attribute:
+                if a.name == "value":
+                    return a.t
+        return None
+
+    def shape(self, name: str) -> Dims | None:
+        if name in self._values:
+            return list(self._values[name].shape)
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def size(self, name: str, axis: int) -> int | None:
+        shape = self.shape(name)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        return shape[axis]
+
+    def consumers_of(self, name: str) -> list[Use]:
+        return self.consumers.get(name, [])
+
+    def forget_value(self, name: str) -> None:
+        """Drop a cached constant after it was rewritten."""
+        self._values.pop(name, None)
+
+
+def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> tuple[dict, dict]:
+    """Static shape inference on a weight-free copy, so large models cost no extra memory."""
+    light = onnx.ModelProto()
+    light.CopyFrom(proto) if proto.ByteSize() < 200_000_000 else _copy_without_weights(proto, light)
+    for inp in light.graph.input:
+        if inp.name in input_shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for d, value in zip(dims, input_shapes[inp.name]):
+                d.Clear()
+                d.dim_value = int(value)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # inference is best effort: unknown shapes only make rules more conservative
+        inferred = light
+    shapes: dict[str, Dims] = {}
+    dtypes: dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            continue
+        dtypes[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    return shapes, dtypes
+
+
+def _copy_without_weights(proto: onnx.ModelProto, out: onnx.ModelProto) -> None:
+    """Copy a model, replacing big initializers by same-shaped declarations (shape inference needs only dims)."""
+    out.CopyFrom(proto)
+    keep = []
+    for t in out.graph.initializer:
+        if int(np.prod(t.dims)) > 64:
+            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+
+
+def value_to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(tensor)

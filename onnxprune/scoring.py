@@ -1,0 +1,81 @@
+"""Importance scores: per weight element (unstructured) and per channel of a group (structured).
+
+A channel's score aggregates every weight it owns: producer rows, consumer columns and, for ``bn-scale``, the
+BatchNormalization scale. Each member's scores are divided by their mean first, so one large layer does not drown
+the others, then reduced over members (mean, sum or max).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxprune.channels import Dim
+from onnxprune.dependency import ChannelGroup, GroupSet
+from onnxprune.errors import ConfigError
+
+CHANNEL_CRITERIA = ("l1", "l2", "bn-scale")
+REDUCTIONS = ("mean", "sum", "max")
+WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def weight_dims(groups: GroupSet, group: ChannelGroup) -> list[Dim]:
+    """Member dims that are weights of Conv/ConvTranspose/Gemm/MatMul (either operand when constant)."""
+    index = groups.index
+    found = []
+    for dim in group.dims:
+        if not index.is_constant(dim.tensor):
+            continue
+        for use in index.consumers_of(dim.tensor):
+            if use.node.op_type in WEIGHT_SLOTS and use.index in (0, 1):
+                found.append(dim)
+                break
+    return found
+
+
+def bn_scale_dims(groups: GroupSet, group: ChannelGroup) -> list[Dim]:
+    index = groups.index
+    return [d for d in group.dims if index.is_constant(d.tensor) and any(
+        u.node.op_type == "BatchNormalization" and u.index == 1 for u in index.consumers_of(d.tensor))]
+
+
+def _per_index(values: np.ndarray, axis: int, criterion: str) -> np.ndarray:
+    moved = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0).reshape(values.shape[axis], -1)
+    return np.abs(moved).sum(axis=1) if criterion == "l1" else (moved * moved).sum(axis=1)
+
+
+def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1", reduction: str = "mean",
+                   activation: dict[Dim, np.ndarray] | None = None) -> tuple[np.ndarray, str | None]:
+    """Score every channel of ``group`` (higher = more important).
+
+    Args:
+        activation: optional per-dim mean |activation| per index (calibration-aware scoring multiplies it in).
+
+    Returns:
+        (scores, note): note says when the criterion had to fall back (e.g. bn-scale on a group without BN).
+    """
+    if criterion not in CHANNEL_CRITERIA:
+        raise ConfigError(f"unknown criterion '{criterion}' (choose from {', '.join(CHANNEL_CRITERIA)})")
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"unknown group reduction '{reduction}' (choose from {', '.join(REDUCTIONS)})")
+    note = None
+    dims = bn_scale_dims(groups, group) if criterion == "bn-scale" else weight_dims(groups, group)
+    base = "l1"
+    if criterion == "bn-scale" and not dims:
+        dims, note = weight_dims(groups, group), "no BatchNormalization in group: scored by l1"
+    elif criterion == "l2":
+        base = "l2"
+    rows = []
+    for dim in dims:
+        per_index = _per_index(groups.index.const_value(dim.tensor), dim.axis, base)
+        per_channel = np.array([per_index[ch[dim]].sum() for ch in group.channels])
+        if base == "l2":
+            per_channel = np.sqrt(per_channel)
+        if activation and dim in activation:
+            per_channel = per_channel * np.array([activation[dim][ch[dim]].mean() for ch in group.channels])
+        mean = per_channel.mean()
+        rows.append(per_channel / mean if mean > 0 else per_channel)
+    if not rows:
+        return np.zeros(group.size), "group has no weights to score"
+    stacked = np.stack(rows)
+    reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[reduction]
+    return reduce(stacked, axis=0), note
