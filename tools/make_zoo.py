@@ -724,9 +724,13 @@ def check_and_describe():
             desc + " (BN folded into Conv)")
     tname, _, _, tfeats, tdesc = TRANSFORMER
     add("transformer.onnx", f"PyTorch {tv} torch.onnx.export(dynamo=False)", tfeats, False, tdesc)
-    import onnxscript
+    try:
+        import onnxscript
 
-    add("resnet_dynamo.onnx", f"PyTorch {tv} torch.onnx.export(dynamo=True), onnxscript {onnxscript.__version__}",
+        osv = f", onnxscript {onnxscript.__version__}"
+    except ImportError:
+        osv = ", onnxscript"
+    add("resnet_dynamo.onnx", f"PyTorch {tv} torch.onnx.export(dynamo=True){osv}",
         TORCH_MODELS["resnet"][2] + ["external_data"], False,
         TORCH_MODELS["resnet"][3] + "; torch.export-based exporter (its default optimizer folds BN into Conv, "
         "GAP becomes ReduceMean, flatten becomes Reshape); weights in resnet_dynamo.onnx.data")
@@ -800,8 +804,15 @@ def write_manifest_and_readme(entries):
         "  its weights are in the external data file `resnet_dynamo.onnx.data` (keep the two files together).",
         "* `resnet_constants.onnx` is `resnet_bn.onnx` with every initializer turned into a `Constant` node",
         "  (as Paddle/Caffe2 exporters do): the graph has no initializers.",
-        "* `keras_cnn.onnx` comes from Keras via tf2onnx: NHWC input `[batch, 32, 32, 3]` with a Transpose to NCHW;",
-        "  tf2onnx folds BN into the Conv weights.",
+        "* `keras_cnn.onnx` comes from Keras via tf2onnx (opset 13): NHWC input `[batch, 32, 32, 3]` with a Transpose",
+        "  to NCHW; tf2onnx folds BN into the Conv weights except after the depthwise conv, where BN stays as a",
+        "  per-channel `Mul` + `Add`; Dense is `MatMul` + `Add`; output is named `logits`.",
+        "* Export details worth knowing: at opset 13 `Hardswish` is exported as `HardSigmoid` + `Mul`, `SiLU` as",
+        "  `Sigmoid` + `Mul`, and `ReLU6` as `Clip` whose min/max are `Constant` nodes; the transformer's reshapes take",
+        "  the batch size from `Shape` -> `Gather` -> `Unsqueeze` -> `Concat`; `densenet` uses conv-BN-ReLU ordering",
+        "  so every BN follows a Conv; the `csp` split uses `torch.split` with explicit sizes (one `Split` node).",
+        "* Weights are random: He-normal convs, BN running stats calibrated on seeded random inputs then perturbed,",
+        "  random gamma in [0.1, 1.5) and beta (so BN is never an identity), random LayerNorm affine parameters.",
         "* Input names are `input` (torch models); the batch dimension is the symbolic `batch`.",
         "",
         "Feature tags: " + ", ".join(f"`{t}`" for t in sorted({f for e in entries for f in e["features"]})) + ".",

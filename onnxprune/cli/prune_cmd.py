@@ -1,0 +1,92 @@
+"""`onnxprune [prune] MODEL --channels R | --sparsity R | --pattern N:M`: the main job."""
+
+from __future__ import annotations
+
+import click
+
+from onnxprune.cli.options import GLOB_RATIO, RATIO, debug_option, input_shape_option, json_option
+from onnxprune.errors import ConfigError
+from onnxprune.pipeline import PruneOptions, prune_file
+from onnxprune.prune.unstructured import parse_pattern
+from onnxprune.report import prune_dict, render_prune, write_json
+
+try:
+    from onnxprune.validate import run_validation, validate_options
+except ImportError:  # validation is optional until its package is present
+    run_validation = None
+
+    def validate_options(fn):
+        return fn
+
+
+class RoundToType(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or str(value) == "auto":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"'{value}' is not a positive integer or 'auto'", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not a positive integer", param, ctx)
+        return number
+
+
+@click.command(name="prune")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), help="Output file (default: <stem>.pruned.onnx beside the input).")
+@click.option("--channels", type=RATIO, help="Remove this fraction of channels from every group (structured).")
+@click.option("--sparsity", type=RATIO, help="Zero this fraction of weights (unstructured; after --channels).")
+@click.option("--pattern", help="N:M sparsity, e.g. 2:4: keep N of every M weights along the reduction axis.")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="layer: each group/tensor loses the ratio; global: one ranking across all of them.")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-scale"]), default="l1", show_default=True,
+              help="Importance: weight magnitude (l1/l2) or BatchNormalization |scale| (channels only).")
+@click.option("--group-reduction", "reduction", type=click.Choice(["mean", "sum", "max"]), default="mean",
+              show_default=True, help="How a channel's scores over its group members are combined.")
+@click.option("--round-to", type=RoundToType(), default="auto", show_default=True,
+              help="Round kept channel counts to a multiple of N (auto: 16 on AVX-512 CPUs, else 8; 1 = exact).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers/tensors matching GLOB alone (repeatable).")
+@click.option("--layer-channels", type=GLOB_RATIO, multiple=True, help="Per-layer channel ratio GLOB=RATIO.")
+@click.option("--layer-sparsity", type=GLOB_RATIO, multiple=True, help="Per-layer sparsity GLOB=RATIO.")
+@click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Do not zero weights of tensors smaller than this.")
+@click.option("--max-group-ratio", type=RATIO, help="Global channel scope: cap on the fraction any group loses "
+                                                     "(default min(0.9, 2 x --channels)).")
+@click.option("--sparse-storage", is_flag=True, help="Store zeroed weights as sparse initializers when smaller.")
+@click.option("--validate", "do_validate", is_flag=True, help="Validate the result against the input afterwards.")
+@input_shape_option
+@json_option
+@validate_options
+@debug_option
+def prune_command(model: str, output: str | None, channels: float | None, sparsity: float | None,
+                  pattern: str | None, scope: str, criterion: str, reduction: str, round_to: int | None,
+                  exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
+                  max_group_ratio: float | None, sparse_storage: bool, do_validate: bool, input_shapes,
+                  json_path: str | None, debug: bool, **validation) -> None:
+    """Prune MODEL and write the result (the input file is never modified)."""
+    if channels is None and sparsity is None and pattern is None:
+        raise ConfigError("nothing to do: give --channels, --sparsity or --pattern")
+    if pattern and sparsity is not None:
+        raise ConfigError("--pattern sets the sparsity itself; do not combine it with --sparsity")
+    options = PruneOptions(channels=channels, sparsity=sparsity, pattern=parse_pattern(pattern) if pattern else None,
+                           scope=scope, criterion=criterion, reduction=reduction, round_to=round_to,
+                           exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
+                           min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
+                           input_shapes=dict(input_shapes))
+    report = prune_file(model, output, options)
+    click.echo(render_prune(report))
+    data = prune_dict(report)
+    validation_report = None
+    if do_validate:
+        if run_validation is None:
+            raise ConfigError("--validate needs the onnxprune.validate package, which is not installed")
+        validation_report = run_validation(model, report.output, dict(input_shapes), **validation)
+        click.echo(validation_report.render())
+        data["validation"] = validation_report.to_dict()
+    if json_path:
+        write_json(data, json_path)
+    if validation_report is not None:
+        validation_report.check_thresholds()

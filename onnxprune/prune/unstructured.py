@@ -1,0 +1,240 @@
+"""Unstructured magnitude pruning of Conv/ConvTranspose/Gemm/MatMul weights: values change, the graph does not.
+
+Exact counts: a tensor pruned to ratio r has exactly round(r * n) of its smallest-magnitude entries zeroed (ties are
+broken by position). The global ranking selects its threshold with a two-pass radix select over the float32 bit
+patterns of |w| (monotone for non-negative floats), so it never holds all weights in memory at once: tensors are
+read one at a time (memory-mapped for external data) and written straight back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.errors import ConfigError
+from onnxprune.graph.index import GraphIndex, attr, node_label
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+CRITERIA = ("l1", "l2")
+
+
+@dataclass
+class WeightInfo:
+    """One prunable weight tensor and what happened to it."""
+
+    name: str
+    node: str
+    op: str
+    shape: tuple[int, ...]
+    reduction_axis: int
+    zeros_before: int = 0
+    zeros_after: int = 0
+    skipped: str | None = None
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class UnstructuredResult:
+    weights: list[WeightInfo] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(w.params for w in self.weights)
+
+    @property
+    def zeros_before(self) -> int:
+        return sum(w.zeros_before for w in self.weights)
+
+    @property
+    def zeros_after(self) -> int:
+        return sum(w.zeros_after for w in self.weights)
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4): keep N of every M consecutive weights along the reduction axis."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"pattern must be N:M with integers, e.g. 2:4 (got '{text}')")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ConfigError(f"pattern N:M needs 0 < N < M (got '{text}')")
+    return n, m
+
+
+def find_weights(index: GraphIndex) -> list[WeightInfo]:
+    """Float constant weights of Conv, ConvTranspose, Gemm and MatMul, each listed once even when shared."""
+    found: dict[str, WeightInfo] = {}
+    for node in index.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        slots = [1] if node.op_type in ("Conv", "ConvTranspose", "Gemm") else [0, 1]
+        for slot in slots:
+            if slot >= len(node.input) or node.input[slot] in found:
+                continue
+            name = node.input[slot]
+            tensor = index.const_tensor(name)
+            if tensor is None or tensor.data_type not in FLOAT_TYPES:
+                continue
+            shape = tuple(int(d) for d in tensor.dims)
+            axis = _reduction_axis(node, slot, len(shape))
+            if axis is None:
+                continue
+            found[name] = WeightInfo(name, node_label(node), node.op_type, shape, axis)
+    return list(found.values())
+
+
+def _reduction_axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
+    """The axis summed over by the op (the K of its GEMM): where N:M groups must lie."""
+    if rank == 0:
+        return None
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "ConvTranspose":
+        return 0
+    if node.op_type == "Gemm":
+        return 1 if int(attr(node, "transB", 0)) else 0
+    if rank == 1:
+        return 0
+    return rank - 2 if slot == 1 else rank - 1
+
+
+def _magnitude_bits(values: np.ndarray) -> np.ndarray:
+    return np.abs(np.asarray(values, dtype=np.float32)).reshape(-1).view(np.uint32)
+
+
+def _zero_smallest(values: np.ndarray, count: int) -> np.ndarray:
+    """Copy of ``values`` with exactly its ``count`` smallest-magnitude entries zeroed (ties by position)."""
+    flat = np.array(values).reshape(-1)
+    if count <= 0:
+        return flat.reshape(values.shape)
+    bits = _magnitude_bits(flat)
+    threshold = np.partition(bits, count - 1)[count - 1]
+    below = bits < threshold
+    ties = np.flatnonzero(bits == threshold)[: count - int(below.sum())]
+    flat[below] = 0
+    flat[ties] = 0
+    return flat.reshape(values.shape)
+
+
+def _zero_n_m(values: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
+    moved = np.moveaxis(np.array(values), axis, -1)
+    shape = moved.shape
+    groups = moved.reshape(-1, m)
+    order = np.argsort(np.abs(groups.astype(np.float32)), axis=1, kind="stable")
+    np.put_along_axis(groups, order[:, : m - n], 0, axis=1)
+    return np.moveaxis(groups.reshape(shape), -1, axis)
+
+
+def _global_threshold(index: GraphIndex, weights: list[WeightInfo], count: int) -> tuple[int, int]:
+    """Radix select: (threshold bits, how many entries equal to it are still to be zeroed, in tensor order)."""
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for w in weights:
+        hist += np.bincount(_magnitude_bits(index.const_value(w.name)) >> 16, minlength=1 << 16)
+    cum = np.cumsum(hist)
+    high = int(np.searchsorted(cum, count))
+    below = int(cum[high - 1]) if high else 0
+    hist_low = np.zeros(1 << 16, dtype=np.int64)
+    for w in weights:
+        bits = _magnitude_bits(index.const_value(w.name))
+        hist_low += np.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+    cum_low = np.cumsum(hist_low)
+    low = int(np.searchsorted(cum_low, count - below))
+    below += int(cum_low[low - 1]) if low else 0
+    return (high << 16) | low, count - below
+
+
+def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: str = "layer",
+                       criterion: str = "l1", exclude: tuple[str, ...] = (),
+                       layer_sparsity: tuple[tuple[str, float], ...] = (), min_params: int = 0,
+                       pattern: tuple[int, int] | None = None) -> UnstructuredResult:
+    """Zero the smallest weights in place (values only; no node, shape or name changes).
+
+    Args:
+        sparsity: fraction of weights to zero, per tensor (``scope="layer"``) or across all tensors ("global").
+        criterion: "l1" or "l2"; for single weights both rank by |w|, so they select the same weights.
+        exclude: glob patterns matched against node and tensor names.
+        layer_sparsity: (glob, ratio) overrides, first match wins; overridden tensors are pruned on their own.
+        min_params: tensors with fewer parameters are left alone.
+        pattern: (N, M) keeps the N largest of every M consecutive weights along the reduction axis.
+    """
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown criterion '{criterion}' for unstructured pruning (choose l1 or l2)")
+    if scope not in ("layer", "global"):
+        raise ConfigError(f"scope must be 'layer' or 'global', got '{scope}'")
+    if sparsity is not None and not 0 <= sparsity < 1:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    result = UnstructuredResult(find_weights(index))
+    pool: list[WeightInfo] = []
+    ratios: dict[str, float] = {}
+    for w in result.weights:
+        values = index.const_value(w.name)
+        w.zeros_before = w.zeros_after = int(np.count_nonzero(values == 0))
+        names = (w.name, w.node)
+        if any(fnmatch.fnmatchcase(n, p) for p in exclude for n in names):
+            w.skipped = "excluded"
+        elif w.params < min_params:
+            w.skipped = f"fewer than {min_params} parameters"
+        elif pattern and w.shape[w.reduction_axis] % pattern[1]:
+            w.skipped = f"reduction axis ({w.shape[w.reduction_axis]}) not a multiple of {pattern[1]}"
+        else:
+            override = next((r for p, r in layer_sparsity if any(fnmatch.fnmatchcase(n, p) for n in names)), None)
+            if override is not None or scope == "layer" or pattern:
+                ratios[w.name] = override if override is not None else (sparsity or 0.0)
+            else:
+                pool.append(w)
+    threshold = ties = None
+    if pool and sparsity:
+        total = sum(w.params for w in pool)
+        threshold, ties = _global_threshold(index, pool, int(round(sparsity * total)))
+    for w in result.weights:
+        if w.skipped or (w.name not in ratios and threshold is None):
+            continue
+        values = index.const_value(w.name)
+        if pattern:
+            new = _zero_n_m(values, w.reduction_axis, *pattern)
+        elif w.name in ratios:
+            new = _zero_smallest(values, int(round(ratios[w.name] * w.params)))
+        else:
+            bits = _magnitude_bits(values)
+            flat = np.array(values).reshape(-1)
+            flat[bits < threshold] = 0
+            tied = np.flatnonzero(bits == threshold)[:ties]
+            flat[tied] = 0
+            ties -= tied.size
+            new = flat.reshape(values.shape)
+        index.model.replace(index.const_tensor(w.name), new)
+        index.forget_value(w.name)
+        w.zeros_after = int(np.count_nonzero(new == 0))
+    return result
+
+
+def to_sparse_storage(index: GraphIndex, names: list[str]) -> list[str]:
+    """Move the given initializers to ``sparse_initializer`` when that makes them smaller; returns those moved.
+
+    COO storage costs 8 bytes of index per non-zero, so it only pays off for sparse enough tensors.
+    """
+    moved = []
+    graph = index.graph
+    for name in names:
+        tensor = index.initializers.get(name)
+        if tensor is None:
+            continue
+        values = index.const_value(name)
+        flat = values.reshape(-1)
+        nz = np.flatnonzero(flat)
+        if nz.size * (8 + values.dtype.itemsize) >= flat.size * values.dtype.itemsize:
+            continue
+        sparse = onnx.helper.make_sparse_tensor(onnx.numpy_helper.from_array(flat[nz], name),
+                                                onnx.numpy_helper.from_array(nz.astype(np.int64), name + "_indices"),
+                                                list(values.shape))
+        graph.sparse_initializer.append(sparse)
+        graph.initializer.remove(tensor)
+        del index.initializers[name]
+        moved.append(name)
+    return moved

@@ -1,0 +1,117 @@
+"""Human tables and JSON for `inspect` and `prune` reports (one schema, documented in the README)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from onnxprune.errors import OutputError
+from onnxprune.pipeline import PruneReport
+from onnxprune.stats import ModelStats
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _ratio(after: int | None, before: int | None) -> str:
+    return f"{after / before:.3f}" if after is not None and before else "?"
+
+
+def stats_dict(stats: ModelStats) -> dict:
+    return {
+        "params": stats.params, "macs": stats.macs, "file_size": stats.file_size, "opset": stats.opset,
+        "producer": stats.producer, "layer_params": stats.layer_params, "layer_zeros": stats.zeros,
+        "layers": [{"node": l.node, "op": l.op, "weight": l.weight, "weight_shape": list(l.weight_shape),
+                    "params": l.params, "macs": l.macs, "sparsity": round(l.sparsity, 6)} for l in stats.layers],
+    }
+
+
+def render_inspect(stats: ModelStats, path: str) -> str:
+    rows = [[l.node, l.op, "x".join(map(str, l.weight_shape)), human(l.params), human(l.macs),
+             f"{100 * l.sparsity:.1f}%"] for l in stats.layers]
+    body = _table(["node", "op", "weight", "params", "MACs", "sparsity"], rows)
+    total_sparsity = stats.zeros / stats.layer_params if stats.layer_params else 0.0
+    return (f"{path}: opset {stats.opset}, producer '{stats.producer}', {human(stats.file_size)}B on disk\n{body}\n"
+            f"total: {human(stats.params)} parameters ({human(stats.layer_params)} in {len(stats.layers)} "
+            f"prunable layers, {100 * total_sparsity:.1f}% zero), {human(stats.macs)} MACs")
+
+
+def prune_dict(report: PruneReport) -> dict:
+    data = {
+        "input": report.input, "output": report.output, "output_size": report.output_size,
+        "before": stats_dict(report.before), "after": stats_dict(report.after), "round_to": report.round_to,
+        "groups": [vars(g) for g in report.groups], "notes": report.notes,
+    }
+    if report.unstructured is not None:
+        u = report.unstructured
+        data["unstructured"] = {
+            "params": u.params, "zeros_before": u.zeros_before, "zeros_after": u.zeros_after,
+            "weights": [{"name": w.name, "node": w.node, "op": w.op, "shape": list(w.shape), "params": w.params,
+                         "sparsity_before": w.zeros_before / w.params if w.params else 0.0,
+                         "sparsity_after": w.zeros_after / w.params if w.params else 0.0, "skipped": w.skipped}
+                        for w in u.weights],
+        }
+    return data
+
+
+def render_prune(report: PruneReport) -> str:
+    parts = []
+    if report.groups:
+        rows = []
+        for g in report.groups:
+            status = "; ".join(g.blocked) if g.blocked else (g.note or "")
+            rows.append([str(g.id), g.name[:60], str(len(g.members)), f"{g.before} -> {g.after}",
+                         "kept: " + status if g.blocked else status])
+        parts.append(_table(["group", "producers", "members", "channels", "note"], rows))
+        pruned = sum(1 for g in report.groups if g.after < g.before)
+        blocked = sum(1 for g in report.groups if g.blocked)
+        parts.append(f"{len(report.groups)} channel groups: {pruned} pruned, {blocked} left whole "
+                     f"(reason shown), kept counts rounded to multiples of {report.round_to}")
+    if report.unstructured is not None:
+        u = report.unstructured
+        rows = [[w.node[:50], w.op, "x".join(map(str, w.shape)), human(w.params),
+                 f"{100 * w.zeros_before / w.params:.1f}%", f"{100 * w.zeros_after / w.params:.1f}%",
+                 w.skipped or ""] for w in u.weights]
+        parts.append(_table(["node", "op", "weight", "params", "before", "after", "skipped"], rows))
+        if u.params:
+            parts.append(f"weights: {100 * u.zeros_before / u.params:.1f}% -> {100 * u.zeros_after / u.params:.1f}% "
+                         f"zero over {human(u.params)} parameters")
+    b, a = report.before, report.after
+    parts.append(f"params {human(b.params)} -> {human(a.params)} ({_ratio(a.params, b.params)}x), "
+                 f"MACs {human(b.macs)} -> {human(a.macs)} ({_ratio(a.macs, b.macs)}x), "
+                 f"file {human(b.file_size)}B -> {human(report.output_size)}B")
+    parts += [f"note: {n}" for n in report.notes]
+    parts.append(f"wrote {report.output}")
+    return "\n".join(parts)
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    """Atomic JSON write: a temporary file in the same folder, then rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OutputError(f"{path}: cannot write JSON report (folder missing or not writable)")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, default=str)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write JSON report ({exc})") from None
