@@ -88,6 +88,8 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     if options.channels:
         groups, plan, report.round_to = prune_channels(model, options)
         report.groups = _group_rows(groups, plan.remove, plan.notes)
+        if not groups.prunable():
+            report.notes.append("no channel group can be pruned (see the reasons above); channels are unchanged")
     if options.sparsity or options.pattern:
         criterion = options.criterion if options.criterion in ("l1", "l2") else "l1"
         if criterion != options.criterion:
@@ -95,6 +97,9 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         index = GraphIndex(model, static_input_shapes(model, options.input_shapes))
         report.unstructured = prune_unstructured(index, options.sparsity, options.scope, criterion, options.exclude,
                                                  options.layer_sparsity, options.min_params, options.pattern)
+        if not report.unstructured.weights:
+            report.notes.append("no prunable weights (constant float weights of Conv, ConvTranspose, Gemm or "
+                                "MatMul): weights are unchanged")
         if options.sparse_storage:
             _sparse_storage(model, index, report)
     report.after = model_stats(model, options.input_shapes)

@@ -83,7 +83,7 @@ def render_prune(report: PruneReport) -> str:
         blocked = sum(1 for g in report.groups if g.blocked)
         parts.append(f"{len(report.groups)} channel groups: {pruned} pruned, {blocked} left whole "
                      f"(reason shown), kept counts rounded to multiples of {report.round_to}")
-    if report.unstructured is not None:
+    if report.unstructured is not None and report.unstructured.weights:
         u = report.unstructured
         rows = [[w.node[:50], w.op, "x".join(map(str, w.shape)), human(w.params),
                  f"{100 * w.zeros_before / w.params:.1f}%", f"{100 * w.zeros_after / w.params:.1f}%",

@@ -1,0 +1,35 @@
+"""`onnxprune validate ORIGINAL PRUNED`: accuracy, agreement, latency, size and mobile readiness in one report.
+
+Thin by design: options are parsed here, everything else is :func:`onnxprune.validate.run_validation`, which
+``onnxprune MODEL --validate`` calls too.
+"""
+
+from __future__ import annotations
+
+import click
+
+from onnxprune.cli.options import debug_option, input_shape_option, json_option
+from onnxprune.report import write_json
+from onnxprune.validate import run_validation, validate_options
+
+
+@click.command(name="validate")
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("pruned", type=click.Path(dir_okay=False))
+@validate_options
+@input_shape_option
+@json_option
+@debug_option
+def validate_command(original: str, pruned: str, input_shapes, json_path: str | None, debug: bool,
+                     **options) -> None:
+    """Compare PRUNED against ORIGINAL on the same data: accuracy (with labels), output agreement, interleaved
+    latency per execution provider, parameters/MACs/file size and onnxruntime's mobile usability check.
+
+    Exits 5 when --max-accuracy-drop, --min-agreement or --min-cosine is exceeded (the report and --json are
+    written first), 6 when a requested provider is not installed, 7 when the data does not match the model.
+    """
+    report = run_validation(original, pruned, dict(input_shapes), progress=True, **options)
+    click.echo(report.render())
+    if json_path:
+        write_json(report.to_dict(), json_path)
+    report.check_thresholds()
