@@ -67,7 +67,7 @@ def test_every_cnn_group_is_pruned_at_0_3(name):
 @pytest.mark.parametrize("name, feature", [
     ("resnet_bn.onnx", "residual"), ("densenet_bn.onnx", "concat"), ("csp_bn.onnx", "split"),
     ("resnext_bn.onnx", "grouped"), ("convflatten_bn.onnx", "flatten"), ("mobilenetv2_bn.onnx", "depthwise"),
-    ("keras_cnn.onnx", "squeeze_matmul"), ("unet_bn.onnx", "conv_transpose"), ("mobilenetv3_bn.onnx", "se_gate"),
+    ("keras_cnn.onnx", "squeeze_matmul"), ("nhwc_cnn.onnx", "nhwc"), ("unet_bn.onnx", "conv_transpose"), ("mobilenetv3_bn.onnx", "se_gate"),
 ])
 def test_feature_groups_are_pruned(name, feature):
     groups = find_groups(from_proto(_proto(name)))
@@ -86,6 +86,7 @@ def test_feature_groups_are_pruned(name, feature):
         "flatten": lambda g: "Flatten" in consumers(g) or "Reshape" in consumers(g),
         "depthwise": lambda g: any(u.node.op_type == "Conv" and index.shape(u.node.input[1])[1] == 1
                                    and u.index == 0 for d in g.dims for u in index.consumers_of(d.tensor)),
+        "nhwc": lambda g: "Transpose" in ops(g) and any(d.axis == 3 for d in g.dims),
         "squeeze_matmul": lambda g: "Squeeze" in consumers(g) and "MatMul" in consumers(g),
         "conv_transpose": lambda g: "ConvTranspose" in ops(g) or "ConvTranspose" in consumers(g),
         "se_gate": lambda g: "Mul" in consumers(g) and "GlobalAveragePool" in consumers(g),

@@ -451,9 +451,10 @@ EXTERNAL_MODELS = {
                        "remains as a per-channel Mul + Add; Dense is MatMul + Add",
     },
     "nhwc_cnn.onnx": {
-        "source": "hand-written with onnx.helper (fallback for tf2onnx)",
-        "features": ["nhwc_transpose", "residual_add", "depthwise", "global_pool", "linear_head"],
-        "description": "hand-written NHWC graph with Transposes",
+        "source": "onnx.helper, unoptimised-TF-exporter style (tools/make_nhwc.py)",
+        "features": ["nhwc_transpose", "residual_add", "depthwise", "bn_as_mul_add", "matmul"],
+        "description": "NHWC CNN: Transposes around every Conv, residual Add and per-channel Mul/Add in NHWC, "
+                       "depthwise Conv, ReduceMean over H,W, MatMul head",
     },
 }
 
