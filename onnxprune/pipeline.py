@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxprune.dependency import GroupSet, build_groups
-from onnxprune.graph.index import GraphIndex
+from onnxprune.calibration import collect_moments
+from onnxprune.channels import Dim
+from onnxprune.dependency import PRODUCERS, GroupSet, build_groups
+from onnxprune.errors import ConfigError
+from onnxprune.graph.index import GraphIndex, attr
 from onnxprune.graph.io import LoadedModel, default_output_path, load_model, save_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
-from onnxprune.prune.unstructured import UnstructuredResult, prune_unstructured, to_sparse_storage
+from onnxprune.prune.unstructured import UnstructuredResult, find_weights, prune_unstructured, to_sparse_storage
+from onnxprune.recover import RecoveryResult, recover
 from onnxprune.stats import ModelStats, model_stats, static_input_shapes
 
 
@@ -37,6 +41,10 @@ class PruneOptions:
     max_group_ratio: float | None = None
     sparse_storage: bool = False
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    calib: str | None = None  # .npz or image folder, as for validation data
+    calib_limit: int | None = 256
+    calib_batch: int = 32
+    recover: str | None = None  # None: "lsq" with calibration data, else "none"
 
 
 @dataclass
@@ -64,6 +72,7 @@ class PruneReport:
     unstructured: UnstructuredResult | None = None
     notes: list[str] = field(default_factory=list)
     round_to: int | None = None
+    recovery: RecoveryResult | None = None
 
 
 def find_groups(model: LoadedModel, input_shapes: dict[str, list[int]] | None = None) -> GroupSet:
@@ -71,37 +80,84 @@ def find_groups(model: LoadedModel, input_shapes: dict[str, list[int]] | None = 
     return build_groups(GraphIndex(model, static_input_shapes(model, input_shapes)))
 
 
-def prune_channels(model: LoadedModel, options: PruneOptions) -> tuple[GroupSet, ChannelPlan, int]:
-    """Plan and apply structured removal in place; returns (groups, the plan applied, round_to)."""
+def prune_channels(model: LoadedModel, options: PruneOptions, batches: list | None = None
+                   ) -> tuple[GroupSet, ChannelPlan, int, dict[Dim, np.ndarray]]:
+    """Plan and apply structured removal in place; returns (groups, the plan applied, round_to, kept indices)."""
     groups = find_groups(model, options.input_shapes)
     round_to = options.round_to if options.round_to is not None else cpu_block()
+    activation = None
+    if options.criterion == "act" and batches:
+        dims = [d for g in groups.prunable() for d in g.dims if not groups.index.is_constant(d.tensor)]
+        activation = {d: m.mean_abs for d, m in collect_moments(model.proto, dims, batches).items()}
     plan = plan_channels(groups, options.channels or 0.0, options.scope, options.criterion, options.reduction,
-                         round_to, options.exclude, options.layer_channels, options.max_group_ratio)
-    apply_plan(groups, plan)
-    return groups, plan, round_to
+                         round_to, options.exclude, options.layer_channels, options.max_group_ratio, activation)
+    kept = apply_plan(groups, plan)
+    return groups, plan, round_to, kept
+
+
+def _calibration(model: LoadedModel, options: PruneOptions) -> list[dict[str, np.ndarray]] | None:
+    if not options.calib:
+        if options.recover not in (None, "none"):
+            raise ConfigError(f"--recover {options.recover} needs calibration data (--calib)")
+        return None
+    from onnxprune.validate import ValidateOptions, load_dataset
+
+    data = load_dataset(model, ValidateOptions(data=options.calib, limit=options.calib_limit),
+                        options.input_shapes, options.calib_batch)
+    return [feed for feed, _ in data.batches(options.calib_batch)]
+
+
+def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
+    """Per weight: L2 norm over the calibration data of each input feature the weight multiplies (for Wanda)."""
+    wanted: dict[str, Dim] = {}
+    for w in find_weights(index):
+        node = next(u.node for u in index.consumers_of(w.name) if u.node.op_type in PRODUCERS)
+        if node.input[0] == w.name:
+            continue
+        rank = index.rank(node.input[0])
+        if rank is None:
+            continue
+        axis = rank - 1 if node.op_type == "MatMul" else (0 if int(attr(node, "transA", 0)) else 1)
+        wanted[w.name] = Dim(node.input[0], axis)
+    moments = collect_moments(index.model.proto, list(set(wanted.values())), batches)
+    return {name: np.sqrt(moments[d].s2) for name, d in wanted.items()}
 
 
 def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
     before = model_stats(model, options.input_shapes)
     report = PruneReport(str(model.path or ""), "", before, before, 0)
+    batches = _calibration(model, options)
+    original = None
+    if batches:
+        original = onnx.ModelProto()
+        original.CopyFrom(model.proto)
+    changed: set[str] = set()
+    kept: dict[Dim, np.ndarray] = {}
     if options.channels:
-        groups, plan, report.round_to = prune_channels(model, options)
+        groups, plan, report.round_to, kept = prune_channels(model, options, batches)
+        changed |= {d.tensor for d in kept if groups.index.is_constant(d.tensor)}
         report.groups = _group_rows(groups, plan.remove, plan.notes)
         if not groups.prunable():
             report.notes.append("no channel group can be pruned (see the reasons above); channels are unchanged")
     if options.sparsity or options.pattern:
-        criterion = options.criterion if options.criterion in ("l1", "l2") else "l1"
+        criterion = options.criterion if options.criterion in ("l1", "l2", "wanda") else "l1"
         if criterion != options.criterion:
             report.notes.append(f"criterion {options.criterion} applies to channels; weights ranked by l1")
         index = GraphIndex(model, static_input_shapes(model, options.input_shapes))
+        norms = _feature_norms(index, batches) if criterion == "wanda" and batches else None
         report.unstructured = prune_unstructured(index, options.sparsity, options.scope, criterion, options.exclude,
-                                                 options.layer_sparsity, options.min_params, options.pattern)
+                                                 options.layer_sparsity, options.min_params, options.pattern, norms)
+        changed |= {w.name for w in report.unstructured.weights if w.zeros_after != w.zeros_before}
         if not report.unstructured.weights:
             report.notes.append("no prunable weights (constant float weights of Conv, ConvTranspose, Gemm or "
                                 "MatMul): weights are unchanged")
         if options.sparse_storage:
             _sparse_storage(model, index, report)
+    if batches:
+        method = options.recover or "lsq"
+        report.recovery = recover(original, model, kept, batches, method, changed)
+        report.notes += report.recovery.notes
     report.after = model_stats(model, options.input_shapes)
     return report
 

@@ -57,6 +57,9 @@ def prune_dict(report: PruneReport) -> dict:
         "input": report.input, "output": report.output, "output_size": report.output_size,
         "before": stats_dict(report.before), "after": stats_dict(report.after), "round_to": report.round_to,
         "groups": [vars(g) for g in report.groups], "notes": report.notes,
+        "recovery": None if report.recovery is None else {
+            "method": report.recovery.method, "seconds": report.recovery.seconds,
+            "layers": [vars(layer) for layer in report.recovery.layers]},
     }
     if report.unstructured is not None:
         u = report.unstructured
@@ -92,6 +95,10 @@ def render_prune(report: PruneReport) -> str:
         if u.params:
             parts.append(f"weights: {100 * u.zeros_before / u.params:.1f}% -> {100 * u.zeros_after / u.params:.1f}% "
                          f"zero over {human(u.params)} parameters")
+    if report.recovery is not None and report.recovery.method != "none":
+        r = report.recovery
+        better = sum(1 for layer in r.layers if layer.accepted)
+        parts.append(f"recovery {r.method}: {len(r.layers)} layers revisited, {better} updated, {r.seconds:.2f}s")
     b, a = report.before, report.after
     parts.append(f"params {human(b.params)} -> {human(a.params)} ({_ratio(a.params, b.params)}x), "
                  f"MACs {human(b.macs)} -> {human(a.macs)} ({_ratio(a.macs, b.macs)}x), "

@@ -13,7 +13,7 @@ from onnxprune.channels import Dim
 from onnxprune.dependency import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
 
-CHANNEL_CRITERIA = ("l1", "l2", "bn-scale")
+CHANNEL_CRITERIA = ("l1", "l2", "bn-scale", "act")
 REDUCTIONS = ("mean", "sum", "max")
 WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -48,7 +48,9 @@ def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1",
     """Score every channel of ``group`` (higher = more important).
 
     Args:
-        activation: optional per-dim mean |activation| per index (calibration-aware scoring multiplies it in).
+        criterion: "l1", "l2", "bn-scale", or "act": l1 times the channel's normalised mean |activation| over the
+            group's activation tensors (calibration data), so channels that stay near zero on real data go first.
+        activation: per-dim mean |activation| per index, from calibration data (needed for "act").
 
     Returns:
         (scores, note): note says when the criterion had to fall back (e.g. bn-scale on a group without BN).
@@ -57,6 +59,8 @@ def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1",
         raise ConfigError(f"unknown criterion '{criterion}' (choose from {', '.join(CHANNEL_CRITERIA)})")
     if reduction not in REDUCTIONS:
         raise ConfigError(f"unknown group reduction '{reduction}' (choose from {', '.join(REDUCTIONS)})")
+    if criterion == "act" and activation is None:
+        raise ConfigError("--criterion act needs calibration data (--calib)")
     note = None
     dims = bn_scale_dims(groups, group) if criterion == "bn-scale" else weight_dims(groups, group)
     base = "l1"
@@ -70,12 +74,18 @@ def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1",
         per_channel = np.array([per_index[ch[dim]].sum() for ch in group.channels])
         if base == "l2":
             per_channel = np.sqrt(per_channel)
-        if activation and dim in activation:
-            per_channel = per_channel * np.array([activation[dim][ch[dim]].mean() for ch in group.channels])
         mean = per_channel.mean()
         rows.append(per_channel / mean if mean > 0 else per_channel)
     if not rows:
         return np.zeros(group.size), "group has no weights to score"
     stacked = np.stack(rows)
     reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[reduction]
-    return reduce(stacked, axis=0), note
+    scores = reduce(stacked, axis=0)
+    if criterion == "act":
+        acts = [np.array([activation[d][ch[d]].mean() for ch in group.channels]) for d in group.dims if d in activation]
+        acts = [a / a.mean() for a in acts if a.mean() > 0]
+        if acts:
+            scores = scores * np.mean(acts, axis=0)
+        else:
+            note = "no activation statistics for this group: scored by l1"
+    return scores, note

@@ -291,6 +291,8 @@ def reshape(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
     x, y = node.input[0], node.output[0]
     if dim.tensor != x and dim.tensor != y:
         return Block("Reshape target is data")
+    if index.shape(x) is None or index.shape(y) is None:
+        return Block("Reshape input or output shape unknown (shape inference could not resolve the target)")
     result = _reshape_links(x, y, dim, index.shape(x), index.shape(y), ctx, "Reshape")
     if isinstance(result, Block):
         return result

@@ -42,8 +42,10 @@ class RoundToType(click.ParamType):
 @click.option("--pattern", help="N:M sparsity, e.g. 2:4: keep N of every M weights along the reduction axis.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="layer: each group/tensor loses the ratio; global: one ranking across all of them.")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-scale"]), default="l1", show_default=True,
-              help="Importance: weight magnitude (l1/l2) or BatchNormalization |scale| (channels only).")
+@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-scale", "act", "wanda"]), default="l1",
+              show_default=True, help="Importance: weight magnitude (l1/l2), BatchNormalization |scale| (channels), "
+                                      "act = l1 x mean |activation| (channels, needs --calib), wanda = |w| x input "
+                                      "norm (weights, needs --calib).")
 @click.option("--group-reduction", "reduction", type=click.Choice(["mean", "sum", "max"]), default="mean",
               show_default=True, help="How a channel's scores over its group members are combined.")
 @click.option("--round-to", type=RoundToType(), default="auto", show_default=True,
@@ -56,6 +58,13 @@ class RoundToType(click.ParamType):
 @click.option("--max-group-ratio", type=RATIO, help="Global channel scope: cap on the fraction any group loses "
                                                      "(default min(0.9, 2 x --channels)).")
 @click.option("--sparse-storage", is_flag=True, help="Store zeroed weights as sparse initializers when smaller.")
+@click.option("--calib", type=click.Path(exists=False), help="Calibration data (.npz with one array per input, or "
+              "an image folder) for act/wanda scoring and recovery.")
+@click.option("--calib-limit", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Use at most this many calibration samples.")
+@click.option("--recover", "recover_method", type=click.Choice(["none", "bn", "lsq"]),
+              help="Training-free recovery with --calib: bn (moment matching of BatchNorm statistics / biases) or "
+                   "lsq (least-squares re-fit of each layer). Default with --calib: lsq.")
 @click.option("--validate", "do_validate", is_flag=True, help="Validate the result against the input afterwards.")
 @input_shape_option
 @json_option
@@ -64,7 +73,8 @@ class RoundToType(click.ParamType):
 def prune_command(model: str, output: str | None, channels: float | None, sparsity: float | None,
                   pattern: str | None, scope: str, criterion: str, reduction: str, round_to: int | None,
                   exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
-                  max_group_ratio: float | None, sparse_storage: bool, do_validate: bool, input_shapes,
+                  max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
+                  recover_method: str | None, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, **validation) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
     if channels is None and sparsity is None and pattern is None:
@@ -75,7 +85,8 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                            scope=scope, criterion=criterion, reduction=reduction, round_to=round_to,
                            exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
-                           input_shapes=dict(input_shapes))
+                           input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
+                           recover=recover_method)
     report = prune_file(model, output, options)
     click.echo(render_prune(report))
     data = prune_dict(report)

@@ -18,7 +18,7 @@ from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex, attr, node_label
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-CRITERIA = ("l1", "l2")
+CRITERIA = ("l1", "l2", "wanda")
 
 
 @dataclass
@@ -108,12 +108,22 @@ def _magnitude_bits(values: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(values, dtype=np.float32)).reshape(-1).view(np.uint32)
 
 
-def _zero_smallest(values: np.ndarray, count: int) -> np.ndarray:
-    """Copy of ``values`` with exactly its ``count`` smallest-magnitude entries zeroed (ties by position)."""
+def _scores(values: np.ndarray, axis: int, scale: np.ndarray | None) -> np.ndarray:
+    """|w|, times the input feature norm along the reduction axis when given (Wanda: |W| x ||X||)."""
+    magnitude = np.abs(np.asarray(values, dtype=np.float32))
+    if scale is None:
+        return magnitude
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    return magnitude * np.asarray(scale, dtype=np.float32).reshape(shape)
+
+
+def _zero_smallest(values: np.ndarray, count: int, scores: np.ndarray) -> np.ndarray:
+    """Copy of ``values`` with exactly its ``count`` lowest-scoring entries zeroed (ties by position)."""
     flat = np.array(values).reshape(-1)
     if count <= 0:
         return flat.reshape(values.shape)
-    bits = _magnitude_bits(flat)
+    bits = _magnitude_bits(scores)
     threshold = np.partition(bits, count - 1)[count - 1]
     below = bits < threshold
     ties = np.flatnonzero(bits == threshold)[: count - int(below.sum())]
@@ -122,26 +132,26 @@ def _zero_smallest(values: np.ndarray, count: int) -> np.ndarray:
     return flat.reshape(values.shape)
 
 
-def _zero_n_m(values: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
+def _zero_n_m(values: np.ndarray, axis: int, n: int, m: int, scores: np.ndarray) -> np.ndarray:
     moved = np.moveaxis(np.array(values), axis, -1)
     shape = moved.shape
     groups = moved.reshape(-1, m)
-    order = np.argsort(np.abs(groups.astype(np.float32)), axis=1, kind="stable")
+    order = np.argsort(np.moveaxis(scores, axis, -1).reshape(-1, m), axis=1, kind="stable")
     np.put_along_axis(groups, order[:, : m - n], 0, axis=1)
     return np.moveaxis(groups.reshape(shape), -1, axis)
 
 
-def _global_threshold(index: GraphIndex, weights: list[WeightInfo], count: int) -> tuple[int, int]:
+def _global_threshold(score_of, weights: list[WeightInfo], count: int) -> tuple[int, int]:
     """Radix select: (threshold bits, how many entries equal to it are still to be zeroed, in tensor order)."""
     hist = np.zeros(1 << 16, dtype=np.int64)
     for w in weights:
-        hist += np.bincount(_magnitude_bits(index.const_value(w.name)) >> 16, minlength=1 << 16)
+        hist += np.bincount(_magnitude_bits(score_of(w)) >> 16, minlength=1 << 16)
     cum = np.cumsum(hist)
     high = int(np.searchsorted(cum, count))
     below = int(cum[high - 1]) if high else 0
     hist_low = np.zeros(1 << 16, dtype=np.int64)
     for w in weights:
-        bits = _magnitude_bits(index.const_value(w.name))
+        bits = _magnitude_bits(score_of(w))
         hist_low += np.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
     cum_low = np.cumsum(hist_low)
     low = int(np.searchsorted(cum_low, count - below))
@@ -152,12 +162,15 @@ def _global_threshold(index: GraphIndex, weights: list[WeightInfo], count: int) 
 def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: str = "layer",
                        criterion: str = "l1", exclude: tuple[str, ...] = (),
                        layer_sparsity: tuple[tuple[str, float], ...] = (), min_params: int = 0,
-                       pattern: tuple[int, int] | None = None) -> UnstructuredResult:
+                       pattern: tuple[int, int] | None = None,
+                       feature_norms: dict[str, np.ndarray] | None = None) -> UnstructuredResult:
     """Zero the smallest weights in place (values only; no node, shape or name changes).
 
     Args:
         sparsity: fraction of weights to zero, per tensor (``scope="layer"``) or across all tensors ("global").
-        criterion: "l1" or "l2"; for single weights both rank by |w|, so they select the same weights.
+        criterion: "l1" or "l2" (for single weights both rank by |w|, so they select the same weights), or "wanda"
+            (|w| times the calibration input's L2 norm of the weight's input feature; needs ``feature_norms``).
+        feature_norms: weight name -> per-index input norm along the weight's reduction axis.
         exclude: glob patterns matched against node and tensor names.
         layer_sparsity: (glob, ratio) overrides, first match wins; overridden tensors are pruned on their own.
         min_params: tensors with fewer parameters are left alone.
@@ -169,6 +182,13 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
         raise ConfigError(f"scope must be 'layer' or 'global', got '{scope}'")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
+    if criterion == "wanda" and feature_norms is None:
+        raise ConfigError("--criterion wanda needs calibration data (--calib)")
+    norms = feature_norms if criterion == "wanda" else {}
+
+    def score_of(w: WeightInfo) -> np.ndarray:
+        return _scores(index.const_value(w.name), w.reduction_axis, norms.get(w.name))
+
     result = UnstructuredResult(find_weights(index))
     pool: list[WeightInfo] = []
     ratios: dict[str, float] = {}
@@ -191,17 +211,18 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
     threshold = ties = None
     if pool and sparsity:
         total = sum(w.params for w in pool)
-        threshold, ties = _global_threshold(index, pool, int(round(sparsity * total)))
+        threshold, ties = _global_threshold(score_of, pool, int(round(sparsity * total)))
     for w in result.weights:
         if w.skipped or (w.name not in ratios and threshold is None):
             continue
         values = index.const_value(w.name)
+        scores = score_of(w)
         if pattern:
-            new = _zero_n_m(values, w.reduction_axis, *pattern)
+            new = _zero_n_m(values, w.reduction_axis, *pattern, scores)
         elif w.name in ratios:
-            new = _zero_smallest(values, int(round(ratios[w.name] * w.params)))
+            new = _zero_smallest(values, int(round(ratios[w.name] * w.params)), scores)
         else:
-            bits = _magnitude_bits(values)
+            bits = _magnitude_bits(scores)
             flat = np.array(values).reshape(-1)
             flat[bits < threshold] = 0
             tied = np.flatnonzero(bits == threshold)[:ties]

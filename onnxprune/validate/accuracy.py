@@ -73,8 +73,9 @@ class Agreement:
         diff = a - b
         norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         dot = np.einsum("ij,ij->i", a, b)
-        # two all-zero vectors agree perfectly; one zero vector against a non-zero one does not
-        cos = np.where(norm > 0, dot / np.where(norm > 0, norm, 1), np.where(np.abs(diff).max(axis=1) == 0, 1, 0))
+        same = (diff == 0).all(axis=1) if a.shape[1] else np.ones(n, dtype=bool)
+        # identical rows are exactly 1 (no rounding), so are two all-zero rows; zero against non-zero is 0
+        cos = np.where(same, 1.0, np.where(norm > 0, dot / np.where(norm > 0, norm, 1), 0.0))
         self.n += n
         self.elements += a.size
         self.cos_sum += float(cos.sum())
@@ -89,12 +90,8 @@ class Agreement:
             self.top1_same += int(np.count_nonzero(ref.argmax(axis=1) == out.argmax(axis=1)))
 
     def result(self) -> dict:
-        if self.noise == 0:
-            snr = None  # identical outputs: infinite SNR (JSON has no infinity)
-        elif self.signal == 0:
-            snr = -math.inf
-        else:
-            snr = 10 * math.log10(self.signal / self.noise)
+        # JSON has no infinity: null when the SNR is undefined (identical outputs, or an all-zero reference)
+        snr = None if self.noise == 0 or self.signal == 0 else 10 * math.log10(self.signal / self.noise)
         return {
             "shape": self.shape,
             "classification": self.classification,
@@ -103,7 +100,7 @@ class Agreement:
             "cosine_min": self.cos_min if self.n else None,
             "max_abs_error": self.max_abs,
             "mean_abs_error": self.abs_sum / self.elements if self.elements else 0.0,
-            "snr_db": None if snr is None else (snr if math.isfinite(snr) else -999.0),
+            "snr_db": snr,
             "identical": self.noise == 0,
         }
 

@@ -131,7 +131,7 @@ class ValidationReport:
                       table(["metric", "original", "pruned", "drop (points)"], rows)]
         rows = []
         for name, r in self.outputs.items():
-            snr = "inf" if r["snr_db"] is None else f"{r['snr_db']:.1f}"
+            snr = f"{r['snr_db']:.1f}" if r["snr_db"] is not None else ("inf" if r["identical"] else "-")
             rows.append([name, _pct(r["top1_agreement"]), _num(r["cosine_mean"], "{:.6f}"),
                          _num(r["cosine_min"], "{:.6f}"), f"{r['max_abs_error']:.3g}", f"{r['mean_abs_error']:.3g}",
                          snr])

@@ -1,0 +1,315 @@
+"""Training-free recovery from calibration data, layer by layer in topological order.
+
+- ``bn``: moment matching. At every BatchNormalization the pruned model's per-channel input statistics are measured
+  and the running mean/variance are rewritten so that the BN output has the same mean and spread as in the original
+  model (a no-op when nothing upstream changed). Convs and Gemms with a bias and no BN after them get the
+  equivalent bias correction (the folded-BN case).
+- ``lsq``: each Conv (group 1, 2-D), Gemm and MatMul with a constant weight that sits downstream of a change is
+  re-solved in closed form (ridge least squares) so that, on the pruned model's *own* activations, it reproduces
+  the original model's output at that point (He et al. 2017; ThiNet). Zeroed weights stay zero: every output row is
+  solved on its own support (an OBS/SparseGPT-style row update). A new solution is kept only if it lowers the
+  calibration error of its layer.
+
+Only small statistics are held (per-channel moments, one Gram matrix at a time); activations are requested from
+onnxruntime two tensors at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.calibration import Moments, Probe
+from onnxprune.channels import Dim
+from onnxprune.errors import ConfigError
+from onnxprune.graph.index import GraphIndex, attr, node_label
+from onnxprune.graph.io import LoadedModel
+
+METHODS = ("none", "bn", "lsq")
+MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch: enough for a well-posed Gram matrix
+MAX_FEATURES = 4608  # larger reductions (e.g. 512x3x3) are left alone: their Gram matrix would dominate memory
+
+
+@dataclass
+class LayerFix:
+    node: str
+    kind: str
+    error_before: float
+    error_after: float
+    accepted: bool
+
+
+@dataclass
+class RecoveryResult:
+    method: str
+    layers: list[LayerFix] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _downstream(graph: onnx.GraphProto, changed: set[str]) -> set[str]:
+    """Tensors whose values may differ from the original: outputs of nodes reading changed tensors."""
+    affected = set(changed)
+    for node in graph.node:
+        if any(name in affected for name in node.input):
+            affected.update(node.output)
+    return affected
+
+
+def _take(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: int) -> np.ndarray:
+    """The entries of an original per-channel array that survive in the pruned tensor."""
+    idx = kept.get(Dim(tensor, axis))
+    return values if idx is None else values[idx]
+
+
+class _Recovery:
+    def __init__(self, original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.ndarray],
+                 batches: list[dict[str, np.ndarray]], changed: set[str], damp: float) -> None:
+        self.original = original
+        self.pruned = pruned
+        self.kept = kept
+        self.batches = batches
+        self.damp = damp
+        self.index = GraphIndex(pruned)
+        self.affected = _downstream(pruned.proto.graph, changed)
+        tensors = [n for node in pruned.proto.graph.node for n in node.output if n]
+        self.original_probe = Probe(original, tensors, batches)
+        self._pruned_probe: Probe | None = None
+        self._tensors = tensors
+
+    def pruned_probe(self) -> Probe:
+        if self._pruned_probe is None:
+            self._pruned_probe = Probe(self.pruned.proto, self._tensors, self.batches)
+        return self._pruned_probe
+
+    def set_const(self, name: str, value: np.ndarray) -> None:
+        self.pruned.replace(self.index.const_tensor(name), value)
+        self.index.forget_value(name)
+        self._pruned_probe = None  # weights changed: the next activations come from a new session
+
+    def paired(self, tensor: str):
+        """(original value, pruned value) of ``tensor`` for each calibration batch."""
+        pruned = self.pruned_probe()
+        for (o,), (p,) in zip(self.original_probe.iterate([tensor]), pruned.iterate([tensor])):
+            yield o, p
+
+    # -- bn ---------------------------------------------------------------------------------------------------------
+
+    def match_moments(self, node: onnx.NodeProto, tensor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                          np.ndarray, np.ndarray]:
+        """Per pruned channel of ``tensor`` axis 1: original mean/std, pruned mean/std, and the channel map."""
+        mo, mp = Moments(), Moments()
+        for o, p in self.paired(tensor):
+            mo.add(o, 1)
+            mp.add(p, 1)
+        return (_take(mo.mean, self.kept, tensor, 1), np.sqrt(_take(mo.var, self.kept, tensor, 1)), mp.mean,
+                np.sqrt(mp.var), None)
+
+    def fix_bn(self, node: onnx.NodeProto) -> LayerFix:
+        mu_o, sd_o, mu_p, sd_p, _ = self.match_moments(node, node.input[0])
+        eps = float(attr(node, "epsilon", 1e-5))
+        mean, var = (self.index.const_value(node.input[i]).astype(np.float64) for i in (3, 4))
+        scale = np.sqrt(var + eps)
+        ok = sd_o > 1e-8
+        ratio = np.where(ok, sd_p / np.where(ok, sd_o, 1.0), 1.0)
+        new_mean = np.where(ok, mu_p - (mu_o - mean) * ratio, mean + (mu_p - mu_o))
+        new_var = np.maximum((scale * ratio) ** 2 - eps, 1e-12)
+        before = float(np.mean(((mu_p - mean) / scale - (mu_o - mean) / scale) ** 2))
+        self.set_const(node.input[3], new_mean.astype(np.float32))
+        self.set_const(node.input[4], new_var.astype(np.float32))
+        return LayerFix(node_label(node), "bn-moments", before, 0.0, True)
+
+    def fix_bias(self, node: onnx.NodeProto, bias_name: str) -> LayerFix:
+        out = node.output[0]
+        mo, mp = Moments(), Moments()
+        axis = 1
+        for o, p in self.paired(out):
+            mo.add(o, axis)
+            mp.add(p, axis)
+        shift = _take(mo.mean, self.kept, out, axis) - mp.mean
+        bias = self.index.const_value(bias_name).astype(np.float64)
+        self.set_const(bias_name, (bias + shift.reshape(bias.shape)).astype(np.float32))
+        return LayerFix(node_label(node), "bias-correction", float(np.mean(shift ** 2)), 0.0, True)
+
+    # -- lsq --------------------------------------------------------------------------------------------------------
+
+    def fix_lsq(self, node: onnx.NodeProto, layer: "_Layer") -> LayerFix:
+        weight = self.index.const_value(layer.weight).astype(np.float64)
+        w_mat = layer.to_matrix(weight)  # [K, O]
+        bias = self.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
+        k = w_mat.shape[0] + (1 if bias is not None else 0)
+        gram = np.zeros((k, k))
+        cross = np.zeros((k, w_mat.shape[1]))
+        yy = 0.0
+        rng = np.random.default_rng(0)
+        pruned = self.pruned_probe()
+        for (x_p,), (y_o,) in zip(pruned.iterate([node.input[0]]), self.original_probe.iterate([node.output[0]])):
+            a, y = layer.rows(node, x_p, y_o, rng)
+            out_idx = self.kept.get(Dim(node.output[0], layer.out_axis))
+            y = y if out_idx is None else y[:, out_idx]
+            if bias is not None:
+                a = np.hstack([a, np.ones((a.shape[0], 1))])
+            gram += a.T @ a
+            cross += a.T @ y
+            yy += float((y * y).sum())
+        w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
+        support = w_full != 0
+        if bias is not None:
+            support[-1, :] = True
+        before = _error(gram, cross, yy, w_full)
+        new = _ridge(gram, cross, support, self.damp)
+        after = _error(gram, cross, yy, new)
+        accepted = after < before
+        if accepted:
+            self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
+            if bias is not None:
+                self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
+        return LayerFix(node_label(node), "lsq", before, after if accepted else before, accepted)
+
+
+def _error(gram: np.ndarray, cross: np.ndarray, yy: float, w: np.ndarray) -> float:
+    """||A w - Y||^2 from the accumulated A^T A, A^T Y and ||Y||^2."""
+    return float(np.einsum("ko,kj,jo->", w, gram, w) - 2 * np.sum(w * cross) + yy)
+
+
+def _ridge(gram: np.ndarray, cross: np.ndarray, support: np.ndarray, damp: float) -> np.ndarray:
+    """Solve each output column on its own support: w_S = (G_SS + damp*mean(diag) I)^-1 C_S."""
+    lam = damp * float(np.mean(np.diag(gram))) + 1e-12
+    out = np.zeros_like(cross)
+    if support.all():
+        return np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
+    patterns: dict[bytes, list[int]] = {}
+    for o in range(cross.shape[1]):
+        patterns.setdefault(support[:, o].tobytes(), []).append(o)
+    for key, cols in patterns.items():
+        s = support[:, cols[0]]
+        if not s.any():
+            continue
+        sub = gram[np.ix_(s, s)] + lam * np.eye(int(s.sum()))
+        out[np.ix_(s, cols)] = np.linalg.solve(sub, cross[np.ix_(s, cols)])
+    return out
+
+
+@dataclass
+class _Layer:
+    """How to see one weighted layer as rows A [samples, K] times a matrix W [K, O]."""
+
+    op: str
+    weight: str
+    bias: str | None
+    out_axis: int
+    trans: bool = False
+
+    def to_matrix(self, w: np.ndarray) -> np.ndarray:
+        if self.op == "Conv":
+            return w.reshape(w.shape[0], -1).T
+        return w.T if self.trans else w
+
+    def from_matrix(self, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.op == "Conv":
+            return m.T.reshape(shape)
+        return m.T if self.trans else m
+
+    def rows(self, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+        if self.op != "Conv":
+            return x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64)
+        return _conv_rows(node, x, y, rng)
+
+
+def _conv_rows(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """im2col at a random sample of output positions: rows of (c, kh, kw) patches and the matching outputs."""
+    n, c = x.shape[:2]
+    kernel = attr(node, "kernel_shape")
+    kh, kw = int(kernel[0]), int(kernel[1])
+    sh, sw = (int(s) for s in (attr(node, "strides") or [1, 1]))
+    dh, dw = (int(d) for d in (attr(node, "dilations") or [1, 1]))
+    pt, pl, pb, pr = (int(p) for p in (attr(node, "pads") or [0, 0, 0, 0]))
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    ho, wo = y.shape[2], y.shape[3]
+    total = n * ho * wo
+    pick = rng.choice(total, size=min(total, MAX_ROWS_PER_BATCH), replace=False)
+    bn, rem = np.divmod(pick, ho * wo)
+    oh, ow = np.divmod(rem, wo)
+    ih = oh[:, None] * sh + (np.arange(kh) * dh)[None, :]  # [P, kh]
+    iw = ow[:, None] * sw + (np.arange(kw) * dw)[None, :]  # [P, kw]
+    patches = xp[bn[:, None, None, None], np.arange(c)[None, :, None, None], ih[:, None, :, None],
+                 iw[:, None, None, :]]  # [P, c, kh, kw]
+    rows = patches.reshape(len(pick), -1).astype(np.float64)
+    targets = y[bn, :, oh, ow].astype(np.float64)  # [P, O]
+    return rows, targets
+
+
+def _layer_of(index: GraphIndex, node: onnx.NodeProto) -> _Layer | str:
+    """The layer view of ``node`` for lsq, or why it is skipped."""
+    if node.op_type == "Conv":
+        w = index.shape(node.input[1])
+        if not index.is_constant(node.input[1]) or w is None or len(w) != 4:
+            return "only 2-D convs with constant weights"
+        if int(attr(node, "group", 1)) != 1:
+            return "grouped/depthwise conv"
+        if attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            return "auto_pad SAME"
+        if int(np.prod(w[1:])) > MAX_FEATURES:
+            return f"reduction of {int(np.prod(w[1:]))} features is too large"
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return _Layer("Conv", node.input[1], bias, 1)
+    if node.op_type == "Gemm":
+        if int(attr(node, "transA", 0)) or float(attr(node, "alpha", 1.0)) != 1 or float(attr(node, "beta", 1.0)) != 1:
+            return "Gemm with transA/alpha/beta"
+        if not index.is_constant(node.input[1]):
+            return "non-constant weight"
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        n_out = index.size(node.output[0], 1)
+        if bias is not None and (not index.is_constant(bias) or int(np.prod(index.shape(bias))) != n_out):
+            return "Gemm bias is computed or broadcast"
+        return _Layer("Gemm", node.input[1], bias, 1, trans=bool(int(attr(node, "transB", 0))))
+    if node.op_type == "MatMul" and index.is_constant(node.input[1]) and index.rank(node.input[1]) == 2:
+        return _Layer("MatMul", node.input[1], None, index.rank(node.output[0]) - 1)
+    return "not a weighted layer"
+
+
+def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.ndarray],
+            batches: list[dict[str, np.ndarray]], method: str, changed: set[str], damp: float = 0.01) -> RecoveryResult:
+    """Run ``method`` ("bn" or "lsq") on ``pruned`` in place, with ``original`` as the reference.
+
+    Args:
+        kept: kept original indices of every shrunk dim (from structured pruning; empty for unstructured).
+        changed: names of constants that pruning modified; only layers downstream of them are revisited.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown recovery '{method}' (choose from {', '.join(METHODS)})")
+    result = RecoveryResult(method)
+    if method == "none" or not batches:
+        return result
+    if pruned.external:
+        result.notes.append("recovery skipped: external-data models are not loaded into memory")
+        return result
+    start = time.perf_counter()
+    job = _Recovery(original, pruned, kept, batches, changed, damp)
+    graph = pruned.proto.graph
+    bn_after = {job.index.producer[n.input[0]].node.output[0] for n in graph.node
+                if n.op_type == "BatchNormalization" and n.input[0] in job.index.producer}
+    for node in list(graph.node):
+        input_changed = node.input and node.input[0] in job.affected
+        if not input_changed and not any(n in changed for n in node.input[1:]):
+            continue
+        if method == "bn":
+            if not input_changed:
+                continue
+            if node.op_type == "BatchNormalization":
+                result.layers.append(job.fix_bn(node))
+            elif node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] \
+                    and node.output[0] not in bn_after and node.output[0] not in job.index.graph_outputs \
+                    and job.index.is_constant(node.input[2]) and job.index.rank(node.input[2]) == 1:
+                result.layers.append(job.fix_bias(node, node.input[2]))
+            continue
+        layer = _layer_of(job.index, node)
+        if isinstance(layer, _Layer):
+            result.layers.append(job.fix_lsq(node, layer))
+        elif layer != "not a weighted layer":
+            result.notes.append(f"{node_label(node)}: lsq skipped ({layer})")
+    result.seconds = time.perf_counter() - start
+    return result
