@@ -44,10 +44,16 @@ class LayerFix:
 
 @dataclass
 class RecoveryResult:
+    """What recovery did; ``output_error_*`` are relative squared errors of the graph outputs against the original
+    model on the calibration data, before and after recovery."""
+
     method: str
     layers: list[LayerFix] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    output_error_before: float | None = None
+    output_error_after: float | None = None
+    kept: bool = True
 
 
 def _downstream(graph: onnx.GraphProto, changed: set[str]) -> set[str]:
@@ -85,6 +91,17 @@ class _Recovery:
             self._pruned_probe = Probe(self.pruned.proto, self._tensors, self.batches)
         return self._pruned_probe
 
+    def output_error(self) -> float:
+        """Relative squared error of every graph output against the original on the calibration data."""
+        names = [o.name for o in self.pruned.proto.graph.output]
+        num = den = 0.0
+        for ref, got in zip(self.original_probe.iterate(names), self.pruned_probe().iterate(names)):
+            for r, g in zip(ref, got):
+                if r.shape == g.shape and np.issubdtype(r.dtype, np.floating):
+                    num += float(np.sum((r.astype(np.float64) - g) ** 2))
+                    den += float(np.sum(r.astype(np.float64) ** 2))
+        return num / den if den else 0.0
+
     def set_const(self, name: str, value: np.ndarray) -> None:
         self.pruned.replace(self.index.const_tensor(name), value)
         self.index.forget_value(name)
@@ -98,29 +115,44 @@ class _Recovery:
 
     # -- bn ---------------------------------------------------------------------------------------------------------
 
-    def match_moments(self, node: onnx.NodeProto, tensor: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                          np.ndarray, np.ndarray]:
-        """Per pruned channel of ``tensor`` axis 1: original mean/std, pruned mean/std, and the channel map."""
+    def fix_bn(self, node: onnx.NodeProto) -> LayerFix:
+        """Moment matching, kept per channel only where it brings the normalised values closer to the original's."""
+        tensor = node.input[0]
         mo, mp = Moments(), Moments()
+        cross = None
         for o, p in self.paired(tensor):
             mo.add(o, 1)
             mp.add(p, 1)
-        return (_take(mo.mean, self.kept, tensor, 1), np.sqrt(_take(mo.var, self.kept, tensor, 1)), mp.mean,
-                np.sqrt(mp.var), None)
-
-    def fix_bn(self, node: onnx.NodeProto) -> LayerFix:
-        mu_o, sd_o, mu_p, sd_p, _ = self.match_moments(node, node.input[0])
+            o = _take_axis(o, self.kept, tensor, 1)
+            prod = np.moveaxis(o.astype(np.float64) * p, 1, 0).reshape(p.shape[1], -1).sum(1)
+            cross = prod if cross is None else cross + prod
+        mu_o, var_o = _take(mo.mean, self.kept, tensor, 1), _take(mo.var, self.kept, tensor, 1)
+        mu_p, var_p = mp.mean, mp.var
+        eo2, ep2, eop = var_o + mu_o ** 2, var_p + mu_p ** 2, cross / max(mp.n, 1)
         eps = float(attr(node, "epsilon", 1e-5))
         mean, var = (self.index.const_value(node.input[i]).astype(np.float64) for i in (3, 4))
         scale = np.sqrt(var + eps)
+        sd_o, sd_p = np.sqrt(var_o), np.sqrt(var_p)
         ok = sd_o > 1e-8
         ratio = np.where(ok, sd_p / np.where(ok, sd_o, 1.0), 1.0)
         new_mean = np.where(ok, mu_p - (mu_o - mean) * ratio, mean + (mu_p - mu_o))
-        new_var = np.maximum((scale * ratio) ** 2 - eps, 1e-12)
-        before = float(np.mean(((mu_p - mean) / scale - (mu_o - mean) / scale) ** 2))
-        self.set_const(node.input[3], new_mean.astype(np.float32))
-        self.set_const(node.input[4], new_var.astype(np.float32))
-        return LayerFix(node_label(node), "bn-moments", before, 0.0, True)
+        new_scale = scale * ratio
+
+        def error(m: np.ndarray, s: np.ndarray) -> np.ndarray:
+            """E[((x_p - m)/s - (x_o - mean)/scale)^2] per channel, from first and second moments."""
+            a, b, c, d = 1 / s, -m / s, 1 / scale, -mean / scale
+            return (a * a * ep2 + 2 * a * b * mu_p + b * b + c * c * eo2 + 2 * c * d * mu_o + d * d
+                    - 2 * (a * c * eop + a * d * mu_p + b * c * mu_o + b * d))
+
+        valid = new_scale > 1e-6
+        new_scale = np.where(valid, new_scale, scale)
+        before, after = error(mean, scale), error(new_mean, new_scale)
+        better = valid & (after < before)
+        self.set_const(node.input[3], np.where(better, new_mean, mean).astype(np.float32))
+        self.set_const(node.input[4], np.where(better, np.maximum(new_scale ** 2 - eps, 1e-12), var)
+                       .astype(np.float32))
+        return LayerFix(node_label(node), "bn-moments", float(before.mean()),
+                        float(np.where(better, after, before).mean()), bool(better.any()))
 
     def fix_bias(self, node: onnx.NodeProto, bias_name: str) -> LayerFix:
         out = node.output[0]
@@ -170,6 +202,11 @@ class _Recovery:
         return LayerFix(node_label(node), "lsq", before, after if accepted else before, accepted)
 
 
+def _take_axis(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: int) -> np.ndarray:
+    idx = kept.get(Dim(tensor, axis))
+    return values if idx is None else np.take(values, idx, axis=axis)
+
+
 def _error(gram: np.ndarray, cross: np.ndarray, yy: float, w: np.ndarray) -> float:
     """||A w - Y||^2 from the accumulated A^T A, A^T Y and ||Y||^2."""
     return float(np.einsum("ko,kj,jo->", w, gram, w) - 2 * np.sum(w * cross) + yy)
@@ -202,6 +239,7 @@ class _Layer:
     bias: str | None
     out_axis: int
     trans: bool = False
+    kernel: tuple[int, int] = (1, 1)
 
     def to_matrix(self, w: np.ndarray) -> np.ndarray:
         if self.op == "Conv":
@@ -216,14 +254,14 @@ class _Layer:
     def rows(self, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         if self.op != "Conv":
             return x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64)
-        return _conv_rows(node, x, y, rng)
+        return _conv_rows(node, self.kernel, x, y, rng)
 
 
-def _conv_rows(node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+def _conv_rows(node: onnx.NodeProto, kernel: tuple[int, int], x: np.ndarray, y: np.ndarray,
+               rng) -> tuple[np.ndarray, np.ndarray]:
     """im2col at a random sample of output positions: rows of (c, kh, kw) patches and the matching outputs."""
     n, c = x.shape[:2]
-    kernel = attr(node, "kernel_shape")
-    kh, kw = int(kernel[0]), int(kernel[1])
+    kh, kw = kernel
     sh, sw = (int(s) for s in (attr(node, "strides") or [1, 1]))
     dh, dw = (int(d) for d in (attr(node, "dilations") or [1, 1]))
     pt, pl, pb, pr = (int(p) for p in (attr(node, "pads") or [0, 0, 0, 0]))
@@ -255,7 +293,7 @@ def _layer_of(index: GraphIndex, node: onnx.NodeProto) -> _Layer | str:
         if int(np.prod(w[1:])) > MAX_FEATURES:
             return f"reduction of {int(np.prod(w[1:]))} features is too large"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return _Layer("Conv", node.input[1], bias, 1)
+        return _Layer("Conv", node.input[1], bias, 1, kernel=(int(w[2]), int(w[3])))
     if node.op_type == "Gemm":
         if int(attr(node, "transA", 0)) or float(attr(node, "alpha", 1.0)) != 1 or float(attr(node, "beta", 1.0)) != 1:
             return "Gemm with transA/alpha/beta"
@@ -289,6 +327,9 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
         return result
     start = time.perf_counter()
     job = _Recovery(original, pruned, kept, batches, changed, damp)
+    backup = onnx.ModelProto()
+    backup.CopyFrom(pruned.proto)
+    result.output_error_before = job.output_error()
     graph = pruned.proto.graph
     bn_after = {job.index.producer[n.input[0]].node.output[0] for n in graph.node
                 if n.op_type == "BatchNormalization" and n.input[0] in job.index.producer}
@@ -311,5 +352,11 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
             result.layers.append(job.fix_lsq(node, layer))
         elif layer != "not a weighted layer":
             result.notes.append(f"{node_label(node)}: lsq skipped ({layer})")
+    result.output_error_after = job.output_error()
+    if result.output_error_after > result.output_error_before:  # end-to-end guard: never leave it worse
+        pruned.proto.CopyFrom(backup)
+        result.kept = False
+        result.notes.append(f"recovery {method} did not improve the outputs on the calibration data "
+                            f"({result.output_error_before:.4g} -> {result.output_error_after:.4g}); undone")
     result.seconds = time.perf_counter() - start
     return result

@@ -58,7 +58,9 @@ def prune_dict(report: PruneReport) -> dict:
         "before": stats_dict(report.before), "after": stats_dict(report.after), "round_to": report.round_to,
         "groups": [vars(g) for g in report.groups], "notes": report.notes,
         "recovery": None if report.recovery is None else {
-            "method": report.recovery.method, "seconds": report.recovery.seconds,
+            "method": report.recovery.method, "seconds": report.recovery.seconds, "kept": report.recovery.kept,
+            "output_error_before": report.recovery.output_error_before,
+            "output_error_after": report.recovery.output_error_after,
             "layers": [vars(layer) for layer in report.recovery.layers]},
     }
     if report.unstructured is not None:
@@ -98,7 +100,9 @@ def render_prune(report: PruneReport) -> str:
     if report.recovery is not None and report.recovery.method != "none":
         r = report.recovery
         better = sum(1 for layer in r.layers if layer.accepted)
-        parts.append(f"recovery {r.method}: {len(r.layers)} layers revisited, {better} updated, {r.seconds:.2f}s")
+        parts.append(f"recovery {r.method}: {len(r.layers)} layers revisited, {better} updated, output error on "
+                     f"calibration data {r.output_error_before:.4g} -> {r.output_error_after:.4g}"
+                     f"{'' if r.kept else ' (undone)'}, {r.seconds:.2f}s")
     b, a = report.before, report.after
     parts.append(f"params {human(b.params)} -> {human(a.params)} ({_ratio(a.params, b.params)}x), "
                  f"MACs {human(b.macs)} -> {human(a.macs)} ({_ratio(a.macs, b.macs)}x), "

@@ -81,3 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"onnxprune: internal error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
                    err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
