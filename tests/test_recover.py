@@ -1,0 +1,151 @@
+"""Recovery from calibration data: no-ops where nothing was lost, exact where a linear fix exists, never worse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxprune.graph.io import from_proto
+from onnxprune.pipeline import PruneOptions, find_groups, prune_model
+from onnxprune.prune.structured import ChannelPlan, apply_plan
+from onnxprune.recover import recover
+
+from conftest import MODELS
+from test_cli import run_cli
+
+RNG = np.random.default_rng(0)
+
+
+def _two_convs(w1: np.ndarray, b1: np.ndarray | None, relu: bool) -> onnx.ModelProto:
+    w2 = RNG.standard_normal((3, w1.shape[0], 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    conv1_inputs = ["x", "w1"]
+    if b1 is not None:
+        inits.append(numpy_helper.from_array(b1, "b1"))
+        conv1_inputs.append("b1")
+    nodes = [helper.make_node("Conv", conv1_inputs, ["h"], pads=[1, 1, 1, 1])]
+    nodes.append(helper.make_node("Relu", ["h"], ["a"]) if relu else helper.make_node("Identity", ["h"], ["a"]))
+    nodes.append(helper.make_node("Conv", ["a", "w2"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _prune_and_recover(proto, channels, method, damp=0.01):
+    model = from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    groups = find_groups(model)
+    group = next(g for g in groups.prunable() if "w1" in {d.tensor for d in g.dims})
+    kept = apply_plan(groups, ChannelPlan({group.id: np.array(channels)}))
+    changed = {d.tensor for d in kept if groups.index.is_constant(d.tensor)}
+    batches = [{"x": RNG.standard_normal((16, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    result = recover(proto, model, kept, batches, method, changed, damp=damp)
+    return model.proto, result
+
+
+@pytest.mark.parametrize("method", ["bn", "lsq"])
+def test_dead_channels_change_nothing(method):
+    w1 = RNG.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w1[5:] = 0
+    b1 = RNG.standard_normal(8).astype(np.float32)
+    b1[5:] = 0
+    proto = _two_convs(w1, b1, relu=True)
+    pruned, _ = _prune_and_recover(proto, [5, 6, 7], method)
+    x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(pruned, x), _run(proto, x), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_consumer_is_recovered_exactly():
+    w1 = RNG.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w1[5] = 2 * w1[0]  # channel 5 is redundant: the consumer can take it from channel 0
+    proto = _two_convs(w1, None, relu=False)
+    x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    unrecovered, _ = _prune_and_recover(proto, [5], "none")
+    assert np.abs(_run(unrecovered, x) - _run(proto, x)).max() > 0.1
+    recovered, result = _prune_and_recover(proto, [5], "lsq", damp=1e-9)
+    assert result.layers and result.layers[-1].accepted
+    np.testing.assert_allclose(_run(recovered, x), _run(proto, x), rtol=1e-3, atol=1e-3)
+
+
+ZOO_SAMPLE = ["resnet_bn.onnx", "mobilenetv2_folded.onnx", "densenet_bn.onnx", "unet_bn.onnx", "csp_folded.onnx",
+              "keras_cnn.onnx", "nhwc_cnn.onnx", "transformer.onnx", "convflatten_bn.onnx"]
+
+
+@pytest.mark.parametrize("name", ZOO_SAMPLE)
+def test_recovery_never_worse_than_none_on_held_out_data(name, tmp_path):
+    proto = onnx.load(str(MODELS / name))
+    inp = proto.graph.input[0]
+    shape = [d.dim_value or 48 for d in inp.type.tensor_type.shape.dim]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{inp.name: RNG.standard_normal(shape).astype(np.float32)})
+    held_out = {inp.name: RNG.standard_normal([16] + shape[1:]).astype(np.float32)}
+    ref = ort.InferenceSession(proto.SerializeToString()).run(None, held_out)[0]
+    errors = {}
+    for method in ("none", "bn", "lsq"):
+        model = from_proto(onnx.load(str(MODELS / name)))
+        prune_model(model, PruneOptions(channels=0.3, round_to=1, calib=str(calib), recover=method))
+        out = ort.InferenceSession(model.proto.SerializeToString()).run(None, held_out)[0]
+        errors[method] = float(np.mean((out - ref) ** 2) / np.mean(ref ** 2))
+    assert errors["bn"] <= errors["none"] * 1.02 + 1e-9, errors
+    assert errors["lsq"] <= errors["none"] * 1.02 + 1e-9, errors
+    assert errors["lsq"] < errors["none"] or errors["none"] < 1e-6, errors
+
+
+def test_unstructured_recovery_keeps_zeros_and_helps(tmp_path):
+    data = np.load(MODELS / "digits_val.npz")
+    np.savez(tmp_path / "calib.npz", input=data["input"][:128])
+    counts = {}
+    for method in ("none", "lsq"):
+        model = from_proto(onnx.load(str(MODELS / "digits_resnet.onnx")))
+        report = prune_model(model, PruneOptions(sparsity=0.7, calib=str(tmp_path / "calib.npz"), recover=method))
+        zeros = sum(int((numpy_helper.to_array(t) == 0).sum()) for t in model.proto.graph.initializer
+                    if t.name in {w.name for w in report.unstructured.weights})
+        counts[method] = zeros
+        out = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"input": data["input"][128:]})[0]
+        counts[method + "_acc"] = float((out.argmax(1) == data["labels"][128:]).mean())
+    assert counts["lsq"] >= counts["none"]  # recovery never refills pruned weights
+    assert counts["lsq_acc"] >= counts["none_acc"]
+
+
+def test_wanda_and_act_criteria_use_calibration(tmp_path):
+    data = np.load(MODELS / "digits_val.npz")
+    np.savez(tmp_path / "calib.npz", input=data["input"][:64])
+    masks = {}
+    for criterion in ("l1", "wanda"):
+        model = from_proto(onnx.load(str(MODELS / "digits_plain.onnx")))
+        prune_model(model, PruneOptions(sparsity=0.5, criterion=criterion, calib=str(tmp_path / "calib.npz"),
+                                        recover="none"))
+        masks[criterion] = [numpy_helper.to_array(t) == 0 for t in model.proto.graph.initializer if t.dims]
+    assert any((a != b).any() for a, b in zip(masks["l1"], masks["wanda"]))
+    model = from_proto(onnx.load(str(MODELS / "digits_plain.onnx")))
+    report = prune_model(model, PruneOptions(channels=0.5, criterion="act", calib=str(tmp_path / "calib.npz"),
+                                             recover="none", round_to=1))
+    assert any(g.after < g.before for g in report.groups)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--channels", "0.3", "--recover", "lsq"], 2, "needs calibration data"),
+    (["--channels", "0.3", "--criterion", "act"], 2, "needs calibration data"),
+    (["--sparsity", "0.3", "--criterion", "wanda"], 2, "needs calibration data"),
+    (["--channels", "0.3", "--calib", "{wrong_name}"], 7, "input"),
+    (["--channels", "0.3", "--calib", "{wrong_shape}"], 7, "input"),
+    (["--channels", "0.3", "--calib", "{missing}"], 7, ""),
+])
+def test_calibration_errors(tmp_path, args, code, message):
+    np.savez(tmp_path / "wrong_name.npz", image=np.zeros((4, 1, 8, 8), np.float32))
+    np.savez(tmp_path / "wrong_shape.npz", input=np.zeros((4, 3, 8, 8), np.float32))
+    names = {"wrong_name": tmp_path / "wrong_name.npz", "wrong_shape": tmp_path / "wrong_shape.npz",
+             "missing": tmp_path / "missing.npz"}
+    exit_code, output = run_cli([str(MODELS / "digits_plain.onnx"), "-o", str(tmp_path / "out.onnx"),
+                                 *[a.format(**names) for a in args]])
+    assert exit_code == code, output
+    assert message in output and "Traceback" not in output
+    assert not (tmp_path / "out.onnx").exists()
