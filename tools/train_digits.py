@@ -14,6 +14,7 @@ Writes:
 * ``models/digits_resnet.onnx``: stem conv + two residual blocks (BatchNormalization kept, residual ``Add``),
   global average pool, linear head;
 * ``models/digits_plain.onnx``: plain conv/BN/ReLU stack with a Flatten + Linear head (no residual);
+* ``models/digits_calib.npz``: 256 unlabelled *training* samples (``input``), calibration data for ``--calib``;
 * ``models/digits_val.npz``: the held-out samples, ``input`` float32 ``[N, 1, 8, 8]`` (pixel / 16) and ``labels``
   int64 ``[N]``. The training split never sees them.
 
@@ -36,6 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
 SEED = 0
 HOLDOUT = 0.2
+CALIB_SAMPLES = 256
 
 
 class Block(nn.Module):
@@ -130,11 +132,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--out", default=MODELS, help="output folder (default: models/)")
+    parser.add_argument("--calib-only", action="store_true", help="only (re)write digits_calib.npz")
     args = parser.parse_args()
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
     x_train, y_train, x_val, y_val = split()
     os.makedirs(args.out, exist_ok=True)
+    calib = os.path.join(args.out, "digits_calib.npz")
+    np.savez_compressed(calib, input=x_train[:CALIB_SAMPLES])  # unlabelled training samples for --calib
+    print(f"calibration samples: {CALIB_SAMPLES} training images -> {calib}")
+    if args.calib_only:
+        return
     for name, ctor in (("digits_resnet", DigitsResNet), ("digits_plain", DigitsPlain)):
         torch.manual_seed(SEED)
         model = train(ctor(), x_train, y_train, args.epochs)
