@@ -15,6 +15,7 @@ from onnxprune.calibration import collect_moments
 from onnxprune.channels import Dim
 from onnxprune.dependency import PRODUCERS, GroupSet, build_groups
 from onnxprune.errors import ConfigError
+from onnxprune.graph.fold import fold_constant_subgraphs
 from onnxprune.graph.index import GraphIndex, attr
 from onnxprune.graph.io import LoadedModel, default_output_path, load_model, save_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
@@ -127,6 +128,10 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
     before = model_stats(model, options.input_shapes)
     report = PruneReport(str(model.path or ""), "", before, before, 0)
+    folded = fold_constant_subgraphs(GraphIndex(model))
+    if folded:
+        report.notes.append(f"folded {folded} node(s) computed from constants into initializers "
+                            "(weights behind Identity/Cast/Reshape and the like)")
     batches = _calibration(model, options)
     original = None
     if batches:

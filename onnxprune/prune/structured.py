@@ -200,6 +200,12 @@ def _slice_constants(index: GraphIndex, kept: dict[Dim, np.ndarray]) -> None:
         else:
             index.model.replace(tensor, value)
         index.forget_value(name)
+        for declared in index.graph.input:  # IR < 4 models also declare initializers as graph inputs
+            if declared.name == name and declared.type.tensor_type.HasField("shape"):
+                dims = declared.type.tensor_type.shape.dim
+                for d, size in zip(dims, value.shape):
+                    d.Clear()
+                    d.dim_value = int(size)
 
 
 def _refresh_value_info(index: GraphIndex, changed: set[str]) -> None:
