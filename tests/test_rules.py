@@ -375,10 +375,11 @@ def test_group_normalization_one_channel_per_group():
         [gn] n = GroupNormalization <num_groups=6> (c, s, b)
         y = Conv(n, w2)
     }"""
-    # onnx shape inference has no GroupNormalization shape function: without value_info (which exporters write)
-    # the output size is unknown and the group must stay whole rather than be guessed
+    # onnx shape inference has no GroupNormalization shape function; the index completes it (shape-preserving op)
     _, gs = groups_of(make(text))
-    assert_blocked(gs, "c", "size of n axis 1 unknown")
+    assert {Dim("s", 0), Dim("b", 0)} <= set(assert_prunable(gs, "c", 6).dims)
+    _, pruned, _ = oracle(make(text), {"c": [0, 5]})
+    assert node_attr(pruned, "gn", "num_groups") == 4
     proto = make(text)
     proto.graph.value_info.append(onnx.helper.make_tensor_value_info("n", onnx.TensorProto.FLOAT, ["N", 6, 4, 4]))
     _, gs = groups_of(proto)
@@ -608,9 +609,7 @@ def test_reshape_target_from_shape_gather_concat(opset):
         y = Gemm <transB=1> (f, wf)
     }""")
     _, gs = groups_of(proto)
-    if opset < 14:  # onnx data propagation does not resolve this target for Reshape-13: nothing is guessed
-        assert_blocked(gs, "c", "Reshape input or output shape unknown")
-        return
+    # onnx data propagation does not resolve this target for Reshape-13; the index traces Shape/Gather/Concat itself
     assert Dim("wf", 1) in assert_prunable(gs, "c", 4).dims
     _, pruned, _ = oracle(proto, {"c": [3]})
     assert init(pruned, "minus1").tolist() == [-1]

@@ -15,6 +15,9 @@ from onnx import numpy_helper
 from onnxprune.graph.io import LoadedModel
 
 Dims = list  # list[int | None]: None is an unknown (symbolic) size
+SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization",
+                    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu", "Erf", "Clip",
+                    "Identity", "Dropout", "Softmax", "Mish", "Softplus", "PRelu", "Cast"}
 
 
 @dataclass
@@ -107,6 +110,86 @@ class GraphIndex:
         for name, tensor in self.initializers.items():
             self.shapes[name] = list(tensor.dims)
             self.dtypes[name] = tensor.data_type
+        self._complete_shapes()
+
+    def _complete_shapes(self) -> None:
+        """Fill in shapes onnx's inference leaves unknown: shape-preserving ops (GroupNormalization has no
+        inference function) and Reshape targets built from Shape/Gather/Concat of the input itself (the classic
+        ``x.view(x.size(0), -1)`` export)."""
+        for node in self.graph.node:
+            if not node.output or not node.input or node.output[0] in self.shapes:
+                continue
+            source = self.shapes.get(node.input[0])
+            if source is None:
+                continue
+            if node.op_type in SHAPE_PRESERVING:
+                self.shapes[node.output[0]] = list(source)
+            elif node.op_type == "Reshape":
+                resolved = self._reshape_output(node, source)
+                if resolved is not None:
+                    self.shapes[node.output[0]] = resolved
+
+    def _reshape_output(self, node: onnx.NodeProto, source: Dims) -> Dims | None:
+        """Output shape of a Reshape whose target is traceable; dims read from the input itself cancel out, so a
+        symbolic batch dim does not stop the -1 from being resolved."""
+        items = self._shape_items(node.input[1])
+        if items is None:
+            return None
+        x = node.input[0]
+        out: Dims = []
+        consumed: set[int] = set()  # input axes reproduced as they are by an output entry
+        for pos, item in enumerate(items):
+            if isinstance(item, tuple) and item[0] == x:
+                consumed.add(item[1])
+                out.append(source[item[1]])
+            elif isinstance(item, tuple):
+                out.append(self.size(*item))
+            elif item == 0:
+                consumed.add(pos)
+                out.append(source[pos] if pos < len(source) else None)
+            else:
+                out.append(item)
+        if out.count(-1) > 1:
+            return None
+        if -1 in out:
+            remaining = [source[a] for a in range(len(source)) if a not in consumed]
+            others = [d for i, d in enumerate(out) if d != -1 and not (
+                (isinstance(items[i], tuple) and items[i][0] == x) or items[i] == 0)]
+            if None in remaining or None in others:
+                return None
+            out[out.index(-1)] = int(np.prod(remaining, dtype=np.int64)) // max(1, int(np.prod(others, dtype=np.int64)))
+        return out
+
+    def _shape_items(self, name: str) -> list | None:
+        """A 1-D int tensor as a list of ints or (tensor, axis) run-time dims; None when not traceable."""
+        value = self.const_value(name) if self.is_constant(name) else None
+        if value is not None:
+            return [int(v) for v in np.asarray(value).reshape(-1)]
+        producer = self.producer.get(name)
+        if producer is None:
+            return None
+        node = producer.node
+        if node.op_type == "Concat":
+            items: list = []
+            for piece in node.input:
+                sub = self._shape_items(piece)
+                if sub is None:
+                    return None
+                items += sub
+            return items
+        if node.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast"):
+            return self._shape_items(node.input[0])
+        if node.op_type == "Gather" and self.is_constant(node.input[1]):
+            source = self.producer.get(node.input[0])
+            if source is None or source.node.op_type != "Shape":
+                return None
+            start = int(attr(source.node, "start", 0))
+            picked = np.asarray(self.const_value(node.input[1])).reshape(-1)
+            rank = self.rank(source.node.input[0])
+            if rank is None:
+                return None
+            return [(source.node.input[0], (start + int(i)) % rank) for i in picked]
+        return None
 
     def is_constant(self, name: str) -> bool:
         return name in self.initializers or name in self.constant_nodes
