@@ -28,24 +28,53 @@ class ChannelGroup:
     Attributes:
         id: position in :attr:`GroupSet.groups`.
         dims: every (tensor, axis) the group touches.
-        channels: one entry per removable channel: the indices it occupies in each dim.
+        members: per dim, (indices in that dim, the channel each index belongs to); channels are 0..size-1.
+        size: number of removable channels.
         producers: labels of the nodes whose output channels belong to the group.
         blocked: why the group cannot be pruned (empty when it can).
     """
 
     id: int
     dims: list[Dim]
-    channels: list[dict[Dim, np.ndarray]]
+    members: dict[Dim, tuple[np.ndarray, np.ndarray]]
+    size: int
     producers: list[str]
     blocked: list[str] = field(default_factory=list)
+    _channels: list[dict[Dim, np.ndarray]] | None = field(default=None, repr=False)
 
     @property
-    def size(self) -> int:
-        return len(self.channels)
+    def channels(self) -> list[dict[Dim, np.ndarray]]:
+        """Per channel, the indices it occupies in each dim (built on first use; the compact form is ``members``)."""
+        if self._channels is None:
+            channels: list[dict[Dim, np.ndarray]] = [{} for _ in range(self.size)]
+            for dim, (idx, owner) in self.members.items():
+                order = np.argsort(owner, kind="stable")
+                cuts = np.searchsorted(owner[order], np.arange(self.size + 1))
+                for k in range(self.size):
+                    part = idx[order[cuts[k] : cuts[k + 1]]]
+                    if part.size:
+                        channels[k][dim] = part
+            self._channels = channels
+        return self._channels
+
+    def indices_of(self, dim: Dim, channel_ids: np.ndarray) -> np.ndarray:
+        """Indices of ``dim`` occupied by the given channels."""
+        idx, owner = self.members[dim]
+        return idx[np.isin(owner, channel_ids)]
+
+    def per_channel_sum(self, dim: Dim, per_index: np.ndarray) -> np.ndarray:
+        """Sum of a per-index quantity of ``dim`` over each channel's indices."""
+        idx, owner = self.members[dim]
+        return np.bincount(owner, weights=per_index[idx], minlength=self.size)
+
+    def per_channel_mean(self, dim: Dim, per_index: np.ndarray) -> np.ndarray:
+        idx, owner = self.members[dim]
+        counts = np.bincount(owner, minlength=self.size)
+        return self.per_channel_sum(dim, per_index) / np.maximum(counts, 1)
 
     @property
     def prunable(self) -> bool:
-        return not self.blocked
+        return not self.blocked and self.size > 1
 
     @property
     def name(self) -> str:
@@ -203,42 +232,42 @@ def build_groups(index: GraphIndex) -> GroupSet:
 
 
 def _assemble(builder: _Builder, labels: np.ndarray, seed_owner: dict[Dim, str]) -> list[ChannelGroup]:
+    """Turn atom labels into groups: channels (labels) touching the same set of dims form one group."""
     dims = list(builder.offsets)
-    touch: dict[int, list[int]] = {}
-    frozen: dict[int, set[str]] = {}
-    for di, dim in enumerate(dims):
-        start = builder.offsets[dim]
-        for label in np.unique(labels[start : start + builder.sizes[dim]]).tolist():
-            touch.setdefault(label, []).append(di)
-            if dim in builder.blocked:
-                frozen.setdefault(label, set()).add(builder.blocked[dim])
-    by_signature: dict[tuple[int, ...], list[int]] = {}
-    for label, members in touch.items():
-        by_signature.setdefault(tuple(members), []).append(label)
+    if not dims:
+        return []
+    sizes = np.array([builder.sizes[d] for d in dims], dtype=np.int64)
+    offsets = np.array([builder.offsets[d] for d in dims], dtype=np.int64)
+    atom_dim = np.repeat(np.arange(len(dims)), sizes)
+    pairs = np.unique(labels * len(dims) + atom_dim)  # (label, dim) pairs, sorted by label then dim
+    pair_label, pair_dim = pairs // len(dims), pairs % len(dims)
+    cuts = np.flatnonzero(np.diff(pair_label)) + 1
+    by_signature: dict[bytes, tuple[np.ndarray, list[int]]] = {}
+    for label, signature in zip(pair_label[np.r_[0, cuts]].tolist(), np.split(pair_dim, cuts)):
+        by_signature.setdefault(signature.tobytes(), (signature, []))[1].append(label)
     groups = []
-    for signature, comp_labels in by_signature.items():
+    for signature, group_labels in by_signature.values():
         member_dims = [dims[i] for i in signature]
-        first = member_dims[0]
-        start = builder.offsets[first]
-        first_labels = labels[start : start + builder.sizes[first]]
-        order = sorted(comp_labels, key=lambda lab: int(np.argmax(first_labels == lab)))
-        channels = []
-        label_pos = {lab: k for k, lab in enumerate(order)}
-        per_dim = {}
-        for dim in member_dims:
-            s = builder.offsets[dim]
-            dim_labels = labels[s : s + builder.sizes[dim]]
-            per_dim[dim] = dim_labels
-        channels = [{} for _ in order]
-        for dim, dim_labels in per_dim.items():
-            for idx, lab in enumerate(dim_labels.tolist()):
-                k = label_pos.get(lab)
-                if k is not None:
-                    channels[k].setdefault(dim, []).append(idx)
-        channels = [{d: np.asarray(v, dtype=np.int64) for d, v in ch.items()} for ch in channels]
-        reasons = sorted(set().union(*(frozen.get(lab, set()) for lab in comp_labels)))
         producers = [seed_owner[d] for d in member_dims if d in seed_owner]
         if not producers:
             continue  # channels that no weighted layer produces (only reached through other dims)
-        groups.append(ChannelGroup(len(groups), member_dims, channels, producers, reasons))
+        group_labels_arr = np.array(group_labels, dtype=np.int64)  # sorted (labels came in order)
+        first = labels[offsets[signature[0]] : offsets[signature[0]] + sizes[signature[0]]]
+        present, first_pos = np.unique(first, return_index=True)
+        keep = np.isin(present, group_labels_arr)
+        ordered = present[keep][np.argsort(first_pos[keep], kind="stable")]  # channel k = k-th label by position
+        position = np.empty(len(ordered), dtype=np.int64)
+        sort_order = np.argsort(ordered)
+        position[sort_order] = np.arange(len(ordered))
+        sorted_labels = ordered[sort_order]
+        members = {}
+        for i in signature:
+            dim_labels = labels[offsets[i] : offsets[i] + sizes[i]]
+            slot = np.searchsorted(sorted_labels, dim_labels)
+            slot = np.minimum(slot, len(sorted_labels) - 1)
+            hit = sorted_labels[slot] == dim_labels
+            idx = np.flatnonzero(hit)
+            members[dims[i]] = (idx, position[slot[idx]])
+        reasons = sorted({builder.blocked[d] for d in member_dims if d in builder.blocked})
+        groups.append(ChannelGroup(len(groups), member_dims, members, len(ordered), producers, reasons))
     return groups

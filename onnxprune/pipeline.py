@@ -74,6 +74,7 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     round_to: int | None = None
     recovery: RecoveryResult | None = None
+    structure_changed: bool = False  # False: only weight values changed, so the saved graph needs no re-check
 
 
 def find_groups(model: LoadedModel, input_shapes: dict[str, list[int]] | None = None) -> GroupSet:
@@ -81,10 +82,10 @@ def find_groups(model: LoadedModel, input_shapes: dict[str, list[int]] | None = 
     return build_groups(GraphIndex(model, static_input_shapes(model, input_shapes)))
 
 
-def prune_channels(model: LoadedModel, options: PruneOptions, batches: list | None = None
-                   ) -> tuple[GroupSet, ChannelPlan, int, dict[Dim, np.ndarray]]:
+def prune_channels(model: LoadedModel, options: PruneOptions, batches: list | None = None,
+                   index: GraphIndex | None = None) -> tuple[GroupSet, ChannelPlan, int, dict[Dim, np.ndarray]]:
     """Plan and apply structured removal in place; returns (groups, the plan applied, round_to, kept indices)."""
-    groups = find_groups(model, options.input_shapes)
+    groups = build_groups(index) if index is not None else find_groups(model, options.input_shapes)
     round_to = options.round_to if options.round_to is not None else cpu_block()
     activation = None
     if options.criterion == "act" and batches:
@@ -126,9 +127,12 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
 
 def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
-    before = model_stats(model, options.input_shapes)
+    folded = fold_constant_subgraphs(GraphIndex(model, infer=False))
+    shapes = static_input_shapes(model, options.input_shapes)
+    index = GraphIndex(model, shapes)
+    before = model_stats(model, index=index)
     report = PruneReport(str(model.path or ""), "", before, before, 0)
-    folded = fold_constant_subgraphs(GraphIndex(model))
+    report.structure_changed = bool(folded or options.channels or options.sparse_storage)
     if folded:
         report.notes.append(f"folded {folded} node(s) computed from constants into initializers "
                             "(weights behind Identity/Cast/Reshape and the like)")
@@ -140,7 +144,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     changed: set[str] = set()
     kept: dict[Dim, np.ndarray] = {}
     if options.channels:
-        groups, plan, report.round_to, kept = prune_channels(model, options, batches)
+        groups, plan, report.round_to, kept = prune_channels(model, options, batches, index)
         changed |= {d.tensor for d in kept if groups.index.is_constant(d.tensor)}
         report.groups = _group_rows(groups, plan.remove, plan.notes)
         if not groups.prunable():
@@ -149,7 +153,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         criterion = options.criterion if options.criterion in ("l1", "l2", "wanda") else "l1"
         if criterion != options.criterion:
             report.notes.append(f"criterion {options.criterion} applies to channels; weights ranked by l1")
-        index = GraphIndex(model, static_input_shapes(model, options.input_shapes))
+        index = GraphIndex(model, shapes) if options.channels else index
         norms = _feature_norms(index, batches) if criterion == "wanda" and batches else None
         report.unstructured = prune_unstructured(index, options.sparsity, options.scope, criterion, options.exclude,
                                                  options.layer_sparsity, options.min_params, options.pattern, norms)
@@ -164,6 +168,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         report.recovery = recover(original, model, kept, batches, method, changed)
         report.notes += report.recovery.notes
     report.after = model_stats(model, options.input_shapes)
+    report.after.file_size = 0  # known once saved
     return report
 
 
@@ -205,7 +210,7 @@ def prune_file(input_path: str | Path, output_path: str | Path | None, options: 
     out = Path(output_path) if output_path else default_output_path(Path(input_path))
     model.open_output(out)
     report = prune_model(model, options)
-    report.output_size = save_model(model, out)
+    report.output_size = save_model(model, out, check=report.structure_changed)
     report.output = str(out)
     report.after.file_size = report.output_size
     return report

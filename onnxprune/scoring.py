@@ -71,7 +71,7 @@ def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1",
     rows = []
     for dim in dims:
         per_index = _per_index(groups.index.const_value(dim.tensor), dim.axis, base)
-        per_channel = np.array([per_index[ch[dim]].sum() for ch in group.channels])
+        per_channel = group.per_channel_sum(dim, per_index)
         if base == "l2":
             per_channel = np.sqrt(per_channel)
         mean = per_channel.mean()
@@ -82,7 +82,7 @@ def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1",
     reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[reduction]
     scores = reduce(stacked, axis=0)
     if criterion == "act":
-        acts = [np.array([activation[d][ch[d]].mean() for ch in group.channels]) for d in group.dims if d in activation]
+        acts = [group.per_channel_mean(d, activation[d]) for d in group.dims if d in activation]
         acts = [a / a.mean() for a in acts if a.mean() > 0]
         if acts:
             scores = scores * np.mean(acts, axis=0)

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from onnxprune.graph.io import LoadedModel
 
 Dims = list  # list[int | None]: None is an unknown (symbolic) size
+CACHE_LIMIT_BYTES = 16 * 1024 * 1024
 SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization",
                     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu", "Erf", "Clip",
                     "Identity", "Dropout", "Softmax", "Mish", "Softplus", "PRelu", "Cast"}
@@ -76,9 +77,11 @@ class GraphIndex:
         model: the loaded model (not modified).
         input_shapes: optional static shapes for graph inputs, e.g. ``{"x": [1, 3, 224, 224]}``; dynamic dims
             that are not given stay unknown.
+        infer: run shape inference (callers that only need producers and constants skip it).
     """
 
-    def __init__(self, model: LoadedModel, input_shapes: dict[str, list[int]] | None = None) -> None:
+    def __init__(self, model: LoadedModel, input_shapes: dict[str, list[int]] | None = None,
+                 infer: bool = True) -> None:
         self.model = model
         graph = model.proto.graph
         self.graph = graph
@@ -106,7 +109,7 @@ class GraphIndex:
                     for name in _subgraph_outer_names(sub):
                         self.subgraph_users.setdefault(name, node)
         self._values: dict[str, np.ndarray] = {}
-        self.shapes, self.dtypes = _infer_shapes(model.proto, input_shapes or {})
+        self.shapes, self.dtypes = _infer_shapes(model.proto, input_shapes or {}) if infer else ({}, {})
         for name, tensor in self.initializers.items():
             self.shapes[name] = list(tensor.dims)
             self.dtypes[name] = tensor.data_type
@@ -203,8 +206,8 @@ class GraphIndex:
             value = self.model.array(self.initializers[name])
         elif name in self.constant_nodes:
             value = _constant_node_value(self.constant_nodes[name], self.model)
-        if value is not None:
-            self._values[name] = value
+        if value is not None and value.nbytes <= CACHE_LIMIT_BYTES:
+            self._values[name] = value  # large weights are re-read instead, so memory stays flat on big models
         return value
 
     def const_tensor(self, name: str) -> onnx.TensorProto | None:
@@ -242,9 +245,8 @@ class GraphIndex:
 
 
 def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> tuple[dict, dict]:
-    """Static shape inference on a weight-free copy, so large models cost no extra memory."""
-    light = onnx.ModelProto()
-    light.CopyFrom(proto) if proto.ByteSize() < 200_000_000 else _copy_without_weights(proto, light)
+    """Static shape inference on a weight-free copy, so large models cost neither time nor memory."""
+    light = _without_weights(proto)
     for inp in light.graph.input:
         if inp.name in input_shapes:
             dims = inp.type.tensor_type.shape.dim
@@ -268,17 +270,28 @@ def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
     return shapes, dtypes
 
 
-def _copy_without_weights(proto: onnx.ModelProto, out: onnx.ModelProto) -> None:
-    """Copy a model, replacing big initializers by same-shaped declarations (shape inference needs only dims)."""
-    out.CopyFrom(proto)
-    keep = []
-    for t in out.graph.initializer:
-        if int(np.prod(t.dims)) > 64:
-            out.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            keep.append(t)
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(keep)
+def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every initializer over 64 values replaced by a typed graph input of the same shape (shape
+    inference needs only the small ones, which hold shape constants)."""
+    out = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(out, field, getattr(proto, field))
+    out.opset_import.extend(proto.opset_import)
+    out.functions.extend(proto.functions)
+    graph, src = out.graph, proto.graph
+    graph.name = src.name
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(t)
+        elif t.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    graph.sparse_initializer.extend(src.sparse_initializer)
+    return out
 
 
 def value_to_array(tensor: onnx.TensorProto) -> np.ndarray:

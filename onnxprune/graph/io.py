@@ -76,7 +76,6 @@ class LoadedModel:
     base_dir: Path | None = None
     file_size: int = 0
     _writer: "_DataWriter | None" = field(default=None, repr=False)
-    _maps: dict[str, np.memmap] = field(default_factory=dict, repr=False)
     _external: bool | None = field(default=None, repr=False)
 
     @property
@@ -88,23 +87,26 @@ class LoadedModel:
         return self._external
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:
-        """The tensor's values; external data is memory-mapped read-only (no copy)."""
+        """The tensor's values. External data is read with one positioned read into fresh memory, so a caller that
+        drops the array gives the memory back (a memory map would keep every page it touched resident)."""
         if not uses_external_data(tensor):
             return numpy_helper.to_array(tensor)
         info = _external_info(tensor)
         location = info["location"]
         if self._writer is not None and location == self._writer.tmp_location:
             self._writer.flush()
-            buf = np.memmap(self._writer.path, dtype=np.uint8, mode="r")
+            path = self._writer.path
         else:
-            if location not in self._maps:
-                self._maps[location] = np.memmap(self.base_dir / location, dtype=np.uint8, mode="r")
-            buf = self._maps[location]
+            path = self.base_dir / location
         offset = int(info.get("offset", 0))
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         count = int(np.prod(tensor.dims, dtype=np.int64))
-        length = int(info.get("length", count * dtype.itemsize))
-        return buf[offset : offset + length].view(dtype).reshape(tuple(tensor.dims))
+        values = np.empty(count, dtype=dtype)
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(memoryview(values).cast("B")) != values.nbytes:
+                raise InputModelError(f"{path}: external data ends before tensor '{tensor.name}' does")
+        return values.reshape(tuple(tensor.dims))
 
     def replace(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
         """Give ``tensor`` new values (any shape), keeping its name.
@@ -251,8 +253,9 @@ def save_model(model: LoadedModel, out_path: str | os.PathLike, check: bool = Tr
     """Write ``model`` to ``out_path`` atomically and return the bytes written (model plus data file).
 
     External-data models get a ``<name>.data`` file beside the output; unchanged tensors are copied from the input's
-    data in chunks. With ``check`` the result must pass ``onnx.checker.check_model(full_check=True)`` before it
-    replaces anything.
+    data in chunks. With ``check`` the result must pass ``onnx.checker.check_model(full_check=True)`` and load in
+    onnxruntime before it replaces anything; callers that changed only weight values (same names, shapes and
+    types) may skip that.
 
     Raises:
         OutputError: the folder is unwritable, the path is the input, writing failed, or the result is invalid.
@@ -293,7 +296,6 @@ def save_model(model: LoadedModel, out_path: str | os.PathLike, check: bool = Tr
     if writer is not None:
         size += writer.final.stat().st_size
         model.base_dir = out_path.parent
-        model._maps.clear()
         model._writer = None
     model.path = out_path
     return size

@@ -158,12 +158,15 @@ def apply_plan(groups: GroupSet, plan: ChannelPlan) -> dict[Dim, np.ndarray]:
     for gid, channel_ids in plan.remove.items():
         group = groups.groups[gid]
         if not group.prunable:
-            raise ConfigError(f"group {gid} ({group.name}) cannot be pruned: {'; '.join(group.blocked)}")
-        if len(set(int(c) for c in channel_ids)) >= group.size:
+            raise ConfigError(f"group {gid} ({group.name}) cannot be pruned: "
+                              f"{'; '.join(group.blocked) or 'it has a single channel'}")
+        channel_ids = np.unique(np.asarray(channel_ids, dtype=np.int64))
+        if channel_ids.size and (channel_ids.min() < 0 or channel_ids.max() >= group.size):
+            raise ConfigError(f"group {gid} ({group.name}) has channels 0..{group.size - 1}")
+        if channel_ids.size >= group.size:
             raise ConfigError(f"group {gid} ({group.name}) must keep at least one channel")
-        for c in channel_ids:
-            for dim, idx in group.channels[int(c)].items():
-                removed.setdefault(dim, []).append(idx)
+        for dim in group.dims:
+            removed.setdefault(dim, []).append(group.indices_of(dim, channel_ids))
     kept = {dim: np.setdiff1d(np.arange(groups.dim_sizes[dim]), np.concatenate(parts))
             for dim, parts in removed.items()}
     index = groups.index

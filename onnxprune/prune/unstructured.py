@@ -105,7 +105,15 @@ def _reduction_axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
 
 
 def _magnitude_bits(values: np.ndarray) -> np.ndarray:
-    return np.abs(np.asarray(values, dtype=np.float32)).reshape(-1).view(np.uint32)
+    """Bit patterns of |values| as float32: for non-negative floats they sort like the values, and integer
+    compares are faster. Already non-negative float32 input (scores) is only reinterpreted, not copied."""
+    values = np.asarray(values)
+    if values.dtype != np.float32:
+        values = values.astype(np.float32)
+    flat = values.reshape(-1)
+    if not (flat.size and flat.view(np.int32).min() >= 0):  # any sign bit set: take the magnitude
+        flat = np.abs(flat)
+    return flat.view(np.uint32)
 
 
 def _scores(values: np.ndarray, axis: int, scale: np.ndarray | None) -> np.ndarray:
@@ -120,16 +128,17 @@ def _scores(values: np.ndarray, axis: int, scale: np.ndarray | None) -> np.ndarr
 
 def _zero_smallest(values: np.ndarray, count: int, scores: np.ndarray) -> np.ndarray:
     """Copy of ``values`` with exactly its ``count`` lowest-scoring entries zeroed (ties by position)."""
-    flat = np.array(values).reshape(-1)
+    flat = np.asarray(values).reshape(-1)
     if count <= 0:
-        return flat.reshape(values.shape)
+        return flat.copy().reshape(values.shape)
     bits = _magnitude_bits(scores)
     threshold = np.partition(bits, count - 1)[count - 1]
-    below = bits < threshold
-    ties = np.flatnonzero(bits == threshold)[: count - int(below.sum())]
-    flat[below] = 0
-    flat[ties] = 0
-    return flat.reshape(values.shape)
+    keep = bits >= threshold
+    out = np.multiply(flat, keep, dtype=flat.dtype)  # fastest masking; zeroed entries are small, never NaN/inf
+    ties = count - (keep.size - int(np.count_nonzero(keep)))
+    if ties:
+        out[np.flatnonzero(bits == threshold)[:ties]] = 0
+    return out.reshape(values.shape)
 
 
 def _zero_n_m(values: np.ndarray, axis: int, n: int, m: int, scores: np.ndarray) -> np.ndarray:
@@ -193,8 +202,6 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
     pool: list[WeightInfo] = []
     ratios: dict[str, float] = {}
     for w in result.weights:
-        values = index.const_value(w.name)
-        w.zeros_before = w.zeros_after = int(np.count_nonzero(values == 0))
         names = (w.name, w.node)
         if any(fnmatch.fnmatchcase(n, p) for p in exclude for n in names):
             w.skipped = "excluded"
@@ -213,9 +220,10 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
         total = sum(w.params for w in pool)
         threshold, ties = _global_threshold(score_of, pool, int(round(sparsity * total)))
     for w in result.weights:
+        values = index.const_value(w.name)
+        w.zeros_before = w.zeros_after = int(np.count_nonzero(values == 0))
         if w.skipped or (w.name not in ratios and threshold is None):
             continue
-        values = index.const_value(w.name)
         scores = score_of(w)
         if pattern:
             new = _zero_n_m(values, w.reduction_axis, *pattern, scores)
@@ -223,8 +231,7 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
             new = _zero_smallest(values, int(round(ratios[w.name] * w.params)), scores)
         else:
             bits = _magnitude_bits(scores)
-            flat = np.array(values).reshape(-1)
-            flat[bits < threshold] = 0
+            flat = np.multiply(np.asarray(values).reshape(-1), bits >= threshold, dtype=values.dtype)
             tied = np.flatnonzero(bits == threshold)[:ties]
             flat[tied] = 0
             ties -= tied.size
