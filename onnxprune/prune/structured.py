@@ -19,6 +19,7 @@ from onnxprune.dependency import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex
 from onnxprune.scoring import channel_scores
+from onnxprune.stats import node_macs
 
 
 @dataclass
@@ -88,9 +89,10 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
             plan.notes[group.id] = note
         candidates.append((group, group_ratio, scores))
     if scope == "layer":
-        for group, group_ratio, scores in candidates:
-            keep = round_keep(group.size, group.size * (1 - group_ratio), round_to) if group_ratio > 0 else group.size
-            _take_lowest(plan, group, scores, group.size - keep)
+        targets = {g.id: g.size * (1 - r) if r > 0 else float(g.size) for g, r, _ in candidates}
+        keeps = _budgeted_rounding(groups, [g for g, _, _ in candidates], targets, round_to)
+        for group, _, scores in candidates:
+            _take_lowest(plan, group, scores, group.size - keeps[group.id])
         return plan
     cap = max_group_ratio if max_group_ratio is not None else min(0.9, 2 * ratio)
     pool = [(s / (np.mean(scores) or 1.0), g.id, k) for g, _, scores in candidates for k, s in enumerate(scores)]
@@ -104,11 +106,60 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
         if chosen.get(gid, 0) < limit[gid]:
             chosen[gid] = chosen.get(gid, 0) + 1
             budget -= 1
+    targets = {g.id: float(g.size - chosen.get(g.id, 0)) for g, _, _ in candidates}
+    keeps = _budgeted_rounding(groups, [g for g, _, _ in candidates], targets, round_to)
     for group, _, scores in candidates:
-        remove = chosen.get(group.id, 0)
-        keep = round_keep(group.size, group.size - remove, round_to) if remove else group.size
-        _take_lowest(plan, group, scores, group.size - keep)
+        _take_lowest(plan, group, scores, group.size - keeps[group.id])
     return plan
+
+
+def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
+    """MACs that one channel of ``group`` costs: for every weighted layer it touches, the layer's MACs divided by
+    the size of the weight axis the group runs along (0 where shapes are unknown)."""
+    index = groups.index
+    cost = 0.0
+    for dim in group.dims:
+        if not index.is_constant(dim.tensor):
+            continue
+        for use in index.consumers_of(dim.tensor):
+            if use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and use.index in (0, 1):
+                macs = node_macs(index, use.node)
+                if macs:
+                    cost += macs / groups.dim_sizes[dim]
+    return cost
+
+
+def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: dict[int, float],
+                       round_to: int) -> dict[int, int]:
+    """Round every group's kept count to the block, then round some groups down instead of to the nearest block
+    until the estimated MACs are no more than exact (unrounded) pruning would keep: rounding never makes the
+    result heavier than what was asked for."""
+    keeps = {g.id: (round_keep(g.size, targets[g.id], round_to) if targets[g.id] < g.size else g.size)
+             for g in chosen}
+    if round_to <= 1:
+        return keeps
+    costs = {g.id: channel_costs(groups, g) for g in chosen}
+    excess = sum(costs[g.id] * (keeps[g.id] - targets[g.id]) for g in chosen)
+    while excess > 0:
+        moves = []  # (extra fraction of the group removed, -MACs saved, group): one more block down
+        for g in chosen:
+            step = _block_of(keeps[g.id], round_to)
+            if keeps[g.id] > targets[g.id] and keeps[g.id] - step >= step and costs[g.id] > 0:
+                moves.append((step / g.size, -costs[g.id] * step, g.id, g))
+        if not moves:
+            break
+        _, saving, _, group = min(moves)  # the gentlest cut first: big groups lose the smallest share
+        keeps[group.id] -= _block_of(keeps[group.id], round_to)
+        excess += saving
+    return keeps
+
+
+def _block_of(keep: int, round_to: int) -> int:
+    """The largest power-of-two divisor of ``keep`` up to ``round_to`` (the block that count was rounded to)."""
+    block = round_to
+    while block > 1 and keep % block:
+        block //= 2
+    return max(block, 1)
 
 
 def _take_lowest(plan: ChannelPlan, group: ChannelGroup, scores: np.ndarray, count: int) -> None:
