@@ -48,7 +48,10 @@ def test_channels_default_command_and_default_output(model_copy, tmp_path):
     assert report["after"]["macs"] < report["before"]["macs"]
     assert report["output"] == str(out)
     pruned = [g for g in report["groups"] if g["after"] < g["before"]]
-    assert len(pruned) == 6 and "groups" in result.output
+    assert pruned and "groups" in result.output
+    for g in report["groups"]:  # every group is pruned, or the report says why not
+        assert g["after"] < g["before"] or g["blocked"] or "kept whole" in (g["note"] or "")
+        assert g["after"] == g["before"] or g["after"] % report["round_to"] == 0
 
 
 def test_prune_subcommand_is_the_same(model_copy, tmp_path):

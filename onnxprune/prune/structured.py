@@ -39,17 +39,19 @@ def cpu_block() -> int:
         return 8
 
 
+def allowed_keeps(n: int, multiple: int) -> list[int]:
+    """Kept counts a group of ``n`` channels may have: multiples of ``multiple`` (never fewer than one block), or
+    all ``n``. onnxruntime's NCHWc kernels pad other counts to the block, and counts between blocks measured slower
+    than the block above them, so nothing in between is allowed."""
+    if multiple <= 1:
+        return list(range(1, n + 1))
+    return sorted(set(range(multiple, n + 1, multiple)) | {n})
+
+
 def round_keep(n: int, target: float, multiple: int) -> int:
-    """Kept count near ``target`` that is a multiple of ``multiple``; smaller groups fall back to smaller powers of
-    two when the block would remove nothing, everything, or miss the target by more than 10% of the group."""
-    exact = max(1, min(n, int(round(target))))
-    m = multiple
-    while m > 1:
-        k = int(round(target / m)) * m
-        if 0 < k <= n and (k < n or target >= n) and abs(k - target) <= max(1.0, 0.1 * n):
-            return k
-        m //= 2
-    return exact
+    """The allowed kept count nearest to ``target`` (ties: the smaller one)."""
+    options = allowed_keeps(n, multiple)
+    return min(options, key=lambda k: (abs(k - target), k))
 
 
 def _matches(group: ChannelGroup, pattern: str) -> bool:
@@ -93,6 +95,7 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
         keeps = _budgeted_rounding(groups, [g for g, _, _ in candidates], targets, round_to)
         for group, _, scores in candidates:
             _take_lowest(plan, group, scores, group.size - keeps[group.id])
+        _note_rounding(plan, [g for g, _, _ in candidates], targets, keeps, round_to)
         return plan
     cap = max_group_ratio if max_group_ratio is not None else min(0.9, 2 * ratio)
     pool = [(s / (np.mean(scores) or 1.0), g.id, k) for g, _, scores in candidates for k, s in enumerate(scores)]
@@ -110,7 +113,17 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
     keeps = _budgeted_rounding(groups, [g for g, _, _ in candidates], targets, round_to)
     for group, _, scores in candidates:
         _take_lowest(plan, group, scores, group.size - keeps[group.id])
+    _note_rounding(plan, [g for g, _, _ in candidates], targets, keeps, round_to)
     return plan
+
+
+def _note_rounding(plan: ChannelPlan, chosen: list[ChannelGroup], targets: dict[int, float],
+                   keeps: dict[int, int], round_to: int) -> None:
+    """Say why a group asked to shrink kept all its channels."""
+    for g in chosen:
+        if keeps[g.id] == g.size and targets[g.id] < g.size and g.id not in plan.notes:
+            plan.notes[g.id] = (f"kept whole: {g.size} channels cannot drop to a multiple of {round_to} near the "
+                                f"target {targets[g.id]:.1f} (--round-to 1 or a smaller block prunes it)")
 
 
 def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
@@ -131,35 +144,43 @@ def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
 
 def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: dict[int, float],
                        round_to: int) -> dict[int, int]:
-    """Round every group's kept count to the block, then round some groups down instead of to the nearest block
-    until the estimated MACs are no more than exact (unrounded) pruning would keep: rounding never makes the
-    result heavier than what was asked for."""
-    keeps = {g.id: (round_keep(g.size, targets[g.id], round_to) if targets[g.id] < g.size else g.size)
-             for g in chosen}
+    """Round every group's kept count to an allowed value near its target, then move groups one allowed step down
+    (or back up) so that the estimated MACs stay at most, and as close as possible to, what exact (unrounded)
+    pruning would keep. Gentlest moves first: the group whose step is the smallest share of its size."""
+    options = {g.id: allowed_keeps(g.size, round_to) for g in chosen}
+    keeps = {g.id: round_keep(g.size, targets[g.id], round_to) if targets[g.id] < g.size else g.size for g in chosen}
     if round_to <= 1:
         return keeps
     costs = {g.id: channel_costs(groups, g) for g in chosen}
     excess = sum(costs[g.id] * (keeps[g.id] - targets[g.id]) for g in chosen)
-    while excess > 0:
-        moves = []  # (extra fraction of the group removed, -MACs saved, group): one more block down
-        for g in chosen:
-            step = _block_of(keeps[g.id], round_to)
-            if keeps[g.id] > targets[g.id] and keeps[g.id] - step >= step and costs[g.id] > 0:
-                moves.append((step / g.size, -costs[g.id] * step, g.id, g))
+
+    def step(g: ChannelGroup, direction: int) -> int:
+        values = options[g.id]
+        pos = values.index(keeps[g.id]) + direction
+        return values[pos] - keeps[g.id] if 0 <= pos < len(values) else 0
+
+    def deficit(g: ChannelGroup, keep: int) -> float:
+        """How far below its own target a group would be, as a share of the group."""
+        return max(0.0, targets[g.id] - keep) / g.size
+
+    while excess > 0:  # too heavy: round the group that suffers least one step further down
+        moves = [(deficit(g, keeps[g.id] + step(g, -1)), step(g, -1) * costs[g.id], g.id, g) for g in chosen
+                 if step(g, -1) and targets[g.id] < g.size and costs[g.id] > 0]
         if not moves:
             break
-        _, saving, _, group = min(moves)  # the gentlest cut first: big groups lose the smallest share
-        keeps[group.id] -= _block_of(keeps[group.id], round_to)
-        excess += saving
-    return keeps
-
-
-def _block_of(keep: int, round_to: int) -> int:
-    """The largest power-of-two divisor of ``keep`` up to ``round_to`` (the block that count was rounded to)."""
-    block = round_to
-    while block > 1 and keep % block:
-        block //= 2
-    return max(block, 1)
+        g = min(moves)[-1]
+        delta = step(g, -1)
+        keeps[g.id] += delta
+        excess += costs[g.id] * delta
+    while True:  # lighter than asked: give channels back to the most deprived group while within the budget
+        moves = [(-deficit(g, keeps[g.id]), g.id, g) for g in chosen
+                 if step(g, 1) and keeps[g.id] < targets[g.id] and excess + costs[g.id] * step(g, 1) <= 0]
+        if not moves:
+            return keeps
+        g = min(moves)[-1]
+        delta = step(g, 1)
+        keeps[g.id] += delta
+        excess += costs[g.id] * delta
 
 
 def _take_lowest(plan: ChannelPlan, group: ChannelGroup, scores: np.ndarray, count: int) -> None:
