@@ -130,7 +130,10 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     folded = fold_constant_subgraphs(GraphIndex(model, infer=False))
     shapes = static_input_shapes(model, options.input_shapes)
     index = GraphIndex(model, shapes)
-    before = model_stats(model, index=index)
+    prunes_weights = bool(options.sparsity or options.pattern) and not options.channels
+    # weights that unstructured pruning reads anyway are counted there, not read an extra time here
+    before = model_stats(model, index=index, zeros={} if not prunes_weights else
+                         {w.name: 0 for w in find_weights(index)})
     report = PruneReport(str(model.path or ""), "", before, before, 0)
     report.structure_changed = bool(folded or options.channels or options.sparse_storage)
     if folded:
@@ -167,7 +170,15 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         method = options.recover or "lsq"
         report.recovery = recover(original, model, kept, batches, method, changed)
         report.notes += report.recovery.notes
-    report.after = model_stats(model, options.input_shapes)
+    known = None
+    if report.unstructured is not None:
+        known = {w.name: w.zeros_after for w in report.unstructured.weights}
+    if prunes_weights:
+        before_zeros = {w.name: w.zeros_before for w in report.unstructured.weights}
+        for layer in report.before.layers:
+            if layer.weight in before_zeros and layer.params:
+                layer.zeros = before_zeros[layer.weight]
+    report.after = model_stats(model, options.input_shapes, zeros=known)
     report.after.file_size = 0  # known once saved
     return report
 

@@ -83,8 +83,13 @@ def node_macs(index: GraphIndex, node: onnx.NodeProto) -> int | None:
 
 
 def model_stats(model: LoadedModel, input_shapes: dict[str, list[int]] | None = None,
-                index: GraphIndex | None = None) -> ModelStats:
-    """Parameters (all float constants), MACs of weighted layers, and per-layer sparsity."""
+                index: GraphIndex | None = None, zeros: dict[str, int] | None = None) -> ModelStats:
+    """Parameters (all float constants), MACs of weighted layers, and per-layer sparsity.
+
+    Args:
+        zeros: zero counts already known per weight name (e.g. from a pruning pass); weights listed there are not
+            read again, which matters for models of several GB.
+    """
     index = index or GraphIndex(model, static_input_shapes(model, input_shapes))
     params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in iter_tensors(model.proto)
                  if t.data_type in FLOAT_TYPES and t.name not in _sparse_parts(model))
@@ -101,12 +106,17 @@ def model_stats(model: LoadedModel, input_shapes: dict[str, list[int]] | None = 
         name = next((n for n in node.input[:2] if n in weights), None)
         if name is None:
             continue
-        values = index.const_value(name)
-        zeros = 0 if name in seen_weight else int(np.count_nonzero(values == 0))
+        shape = tuple(int(d) for d in index.shape(name))
         shared = name in seen_weight
+        if shared:
+            count = 0
+        elif zeros is not None and name in zeros:
+            count = zeros[name]
+        else:
+            count = int(np.count_nonzero(index.const_value(name) == 0))
         seen_weight.add(name)
-        layers.append(LayerStats(node_label(node), node.op_type, name, tuple(values.shape),
-                                 0 if shared else int(values.size), zeros, macs))
+        layers.append(LayerStats(node_label(node), node.op_type, name, shape,
+                                 0 if shared else int(np.prod(shape, dtype=np.int64)), count, macs))
     producer = " ".join(p for p in (model.proto.producer_name, model.proto.producer_version) if p)
     return ModelStats(params, None if unknown else total_macs, layers, index.opset, producer,
                       model.file_size)

@@ -128,3 +128,21 @@ def test_property_exact_counts(ratio, rows, cols, scope, seed, fp16):
     else:
         before = result.zeros_before
         assert sum(zeros.values()) == max(before, int(round(ratio * result.params)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=5), rounding=st.sampled_from([None, 1, 0]),
+       fraction=st.floats(0, 1), seed=st.integers(0, 2**16))
+def test_global_threshold_matches_radix_select(sizes, rounding, fraction, seed):
+    """The sampled bracket must give exactly the radix-select answer, ties and duplicates included."""
+    from onnxprune.prune.unstructured import WeightInfo, _global_threshold, _radix_threshold
+
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    if rounding is not None:
+        arrays = [np.round(a, rounding) for a in arrays]
+    weights = [WeightInfo(f"w{i}", "", "", a.shape, 0) for i, a in enumerate(arrays)]
+    scores = {w.name: np.abs(a) for w, a in zip(weights, arrays)}
+    count = max(1, int(fraction * sum(sizes)))
+    assert _global_threshold(lambda w: scores[w.name], weights, count) == \
+        _radix_threshold(lambda w: scores[w.name], weights, count)

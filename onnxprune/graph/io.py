@@ -83,7 +83,7 @@ class LoadedModel:
         """Whether the output keeps weights in a separate data file: the input did, or it would not fit inline."""
         if self._external is None:
             any_external = any(uses_external_data(t) for t in iter_tensors(self.proto))
-            self._external = any_external or self.proto.ByteSize() > INLINE_LIMIT_BYTES
+            self._external = any_external or self.file_size > INLINE_LIMIT_BYTES  # file size: no re-serialising
         return self._external
 
     def array(self, tensor: onnx.TensorProto) -> np.ndarray:

@@ -9,6 +9,7 @@ read one at a time (memory-mapped for external data) and written straight back.
 from __future__ import annotations
 
 import fnmatch
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,7 +152,37 @@ def _zero_n_m(values: np.ndarray, axis: int, n: int, m: int, scores: np.ndarray)
 
 
 def _global_threshold(score_of, weights: list[WeightInfo], count: int) -> tuple[int, int]:
-    """Radix select: (threshold bits, how many entries equal to it are still to be zeroed, in tensor order)."""
+    """Exact k-th smallest score bits across tensors: (threshold bits, how many entries equal to it are still to be
+    zeroed, in tensor order), reading one tensor at a time.
+
+    A strided sample brackets the k-th value; one counting pass then finds how many scores fall below the bracket
+    and collects the few inside it, where the exact value is selected. A two-pass radix select (histograms of the
+    high and low 16 bits) is the fallback when the bracket misses.
+    """
+    total = sum(w.params for w in weights)
+    stride = max(1, total >> 20)  # about a million samples in all
+    # copy each slice at once: a view would keep the whole tensor's scores alive
+    sample = np.sort(np.concatenate([_magnitude_bits(score_of(w))[::stride].copy() for w in weights]))
+    q = (count - 0.5) / total
+    margin = 0.002 + 4 / np.sqrt(sample.size)
+    lo = sample[max(0, int((q - margin) * sample.size))]
+    hi = sample[min(sample.size - 1, int((q + margin) * sample.size))]
+    below, inside = 0, []
+    for w in weights:
+        bits = _magnitude_bits(score_of(w))
+        below += int(np.count_nonzero(bits < lo))
+        inside.append(bits[(bits >= lo) & (bits <= hi)])
+    middle = np.concatenate(inside)
+    rank = count - 1 - below
+    if 0 <= rank < middle.size:
+        threshold = int(np.partition(middle, rank)[rank])
+        strictly_below = below + int(np.count_nonzero(middle < threshold))
+        return threshold, count - strictly_below
+    return _radix_threshold(score_of, weights, count)
+
+
+def _radix_threshold(score_of, weights: list[WeightInfo], count: int) -> tuple[int, int]:
+    """Two-pass radix select over the high and low 16 bits; exact for any distribution."""
     hist = np.zeros(1 << 16, dtype=np.int64)
     for w in weights:
         hist += np.bincount(_magnitude_bits(score_of(w)) >> 16, minlength=1 << 16)
@@ -219,26 +250,46 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
     if pool and sparsity:
         total = sum(w.params for w in pool)
         threshold, ties = _global_threshold(score_of, pool, int(round(sparsity * total)))
-    for w in result.weights:
+    tied_left = [ties or 0]
+
+    def prune_one(w: WeightInfo) -> np.ndarray | None:
+        """New values of one tensor, or None when it stays as it is (runs in a worker thread)."""
         values = index.const_value(w.name)
         w.zeros_before = w.zeros_after = int(np.count_nonzero(values == 0))
         if w.skipped or (w.name not in ratios and threshold is None):
-            continue
+            return None
         scores = score_of(w)
         if pattern:
-            new = _zero_n_m(values, w.reduction_axis, *pattern, scores)
-        elif w.name in ratios:
-            new = _zero_smallest(values, int(round(ratios[w.name] * w.params)), scores)
-        else:
-            bits = _magnitude_bits(scores)
-            flat = np.multiply(np.asarray(values).reshape(-1), bits >= threshold, dtype=values.dtype)
-            tied = np.flatnonzero(bits == threshold)[:ties]
+            return _zero_n_m(values, w.reduction_axis, *pattern, scores)
+        if w.name in ratios:
+            return _zero_smallest(values, int(round(ratios[w.name] * w.params)), scores)
+        bits = _magnitude_bits(scores)
+        return np.multiply(np.asarray(values).reshape(-1), bits >= threshold, dtype=values.dtype).reshape(values.shape)
+
+    def finish(w: WeightInfo, new: np.ndarray | None) -> None:
+        """Apply one result in tensor order (global ties are taken first-come, in that order)."""
+        if new is None:
+            return
+        if threshold is not None and w.name not in ratios and not pattern and tied_left[0]:
+            flat = new.reshape(-1)
+            tied = np.flatnonzero(_magnitude_bits(score_of(w)) == threshold)[: tied_left[0]]
             flat[tied] = 0
-            ties -= tied.size
-            new = flat.reshape(values.shape)
+            tied_left[0] -= tied.size
         index.model.replace(index.const_tensor(w.name), new)
         index.forget_value(w.name)
         w.zeros_after = int(np.count_nonzero(new == 0))
+
+    # numpy releases the GIL in the heavy kernels: two tensors are processed at once, and results are applied
+    # (and streamed to the output) strictly in order, with at most a few tensors in memory
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending: list = []
+        for w in result.weights:
+            pending.append((w, pool.submit(prune_one, w)))
+            if len(pending) >= 3:
+                done_w, future = pending.pop(0)
+                finish(done_w, future.result())
+        for done_w, future in pending:
+            finish(done_w, future.result())
     return result
 
 
