@@ -86,8 +86,10 @@ def render_prune(report: PruneReport) -> str:
         parts.append(_table(["group", "producers", "members", "channels", "note"], rows))
         pruned = sum(1 for g in report.groups if g.after < g.before)
         blocked = sum(1 for g in report.groups if g.blocked)
-        parts.append(f"{len(report.groups)} channel groups: {pruned} pruned, {blocked} left whole "
-                     f"(reason shown), kept counts rounded to multiples of {report.round_to}")
+        whole = len(report.groups) - pruned - blocked
+        parts.append(f"{len(report.groups)} channel groups: {pruned} pruned, {blocked} cannot be pruned, {whole} kept "
+                     f"whole by choice (reasons shown); kept counts are multiples of {report.round_to} "
+                     f"(--round-to)")
     if report.unstructured is not None and report.unstructured.weights:
         u = report.unstructured
         rows = [[w.node[:50], w.op, "x".join(map(str, w.shape)), human(w.params),

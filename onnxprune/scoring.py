@@ -39,8 +39,12 @@ def bn_scale_dims(groups: GroupSet, group: ChannelGroup) -> list[Dim]:
 
 
 def _per_index(values: np.ndarray, axis: int, criterion: str) -> np.ndarray:
-    moved = np.moveaxis(np.asarray(values, dtype=np.float64), axis, 0).reshape(values.shape[axis], -1)
-    return np.abs(moved).sum(axis=1) if criterion == "l1" else (moved * moved).sum(axis=1)
+    """Per index along ``axis``: sum of |w| (l1) or of w^2 (l2), accumulated in float64 without a float64 copy."""
+    values = np.asarray(values)
+    other = tuple(a for a in range(values.ndim) if a != axis)
+    if criterion == "l1":
+        return np.abs(values).sum(axis=other, dtype=np.float64)
+    return np.square(values).sum(axis=other, dtype=np.float64)
 
 
 def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1", reduction: str = "mean",

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from onnxprune.graph.io import LoadedModel
 
 Dims = list  # list[int | None]: None is an unknown (symbolic) size
-CACHE_LIMIT_BYTES = 16 * 1024 * 1024
+CACHE_LIMIT_BYTES = 256 * 1024  # larger weights are decoded again when needed: no second copy of a model
 SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization",
                     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu", "Erf", "Clip",
                     "Identity", "Dropout", "Softmax", "Mish", "Softplus", "PRelu", "Cast"}
