@@ -1213,3 +1213,26 @@ def test_weight_behind_identity_is_folded_then_pruned():
     assert any("folded 1 node" in n for n in report.notes)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)}
     ort.InferenceSession(model.proto.SerializeToString()).run(None, feeds)
+
+
+def test_quantized_weights_are_not_folded_and_block():
+    """A QDQ weight (int8 initializer -> DequantizeLinear -> Conv) stays quantised; its conv is left alone."""
+    from onnxprune.graph.io import from_proto
+    from onnxprune.pipeline import PruneOptions, prune_model
+
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.integers(-100, 100, (6, 3, 3, 3)).astype(np.int8), "wq")
+    scale = onnx.numpy_helper.from_array(np.array(0.01, np.float32), "s")
+    zero = onnx.numpy_helper.from_array(np.array(0, np.int8), "z")
+    w2 = onnx.numpy_helper.from_array(rng.standard_normal((4, 6, 1, 1)).astype(np.float32), "w2")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["w"]),
+         onnx.helper.make_node("Conv", ["x", "w"], ["c"]), onnx.helper.make_node("Relu", ["c"], ["r"]),
+         onnx.helper.make_node("Conv", ["r", "w2"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 4, 4])], [w, scale, zero, w2])
+    model = from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8))
+    report = prune_model(model, PruneOptions(channels=0.5, round_to=1))
+    assert "DequantizeLinear" in [n.op_type for n in model.proto.graph.node]
+    assert all(g.after == g.before for g in report.groups)
+    assert any("computed at run time" in r for g in report.groups for r in g.blocked)

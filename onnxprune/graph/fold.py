@@ -16,7 +16,9 @@ from onnx.reference import ReferenceEvaluator
 from onnxprune.graph.index import GraphIndex
 
 NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
-              "Constant", "If", "Loop", "Scan", "SequenceConstruct"}
+              "Constant", "If", "Loop", "Scan", "SequenceConstruct",
+              # quantisation is meaning, not arithmetic: folding DequantizeLinear would turn a QDQ model into float
+              "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 MAX_ELEMENTS = 1 << 26  # 64M values: folding must never blow memory up
 
 
