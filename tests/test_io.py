@@ -137,3 +137,31 @@ def test_subgraph_models_pass_through(tmp_path):
     after = onnx.load(str(tmp_path / "if.pruned.onnx"))
     assert after.graph.node[1].SerializeToString() == before
     assert int((numpy_helper.to_array(after.graph.initializer[0]) == 0).sum()) == 8
+
+
+def test_large_models_switch_to_external_data(model_copy, tmp_path, monkeypatch):
+    """Over the inline limit the output gets a .data file (the limit is lowered so the test stays small)."""
+    import onnxprune.graph.io as io
+
+    monkeypatch.setattr(io, "INLINE_LIMIT_BYTES", 10_000)
+    model = load_model(model_copy("vgg_bn.onnx"))
+    assert model.external
+    out = tmp_path / "big" / "m.onnx"
+    out.parent.mkdir()
+    model.open_output(out)
+    prune_unstructured(GraphIndex(model), sparsity=0.5)
+    save_model(model, out)
+    assert (out.parent / "m.onnx.data").stat().st_size > out.stat().st_size
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+
+
+def test_public_api_round_trip(model_copy, tmp_path):
+    import onnxprune
+
+    model = onnxprune.load_model(model_copy("resnet_bn.onnx"))
+    groups = onnxprune.find_groups(model)
+    plan = onnxprune.ChannelPlan({g.id: np.array([0, 3]) for g in groups.prunable()})
+    onnxprune.apply_plan(groups, plan)
+    onnxprune.save_model(model, tmp_path / "p.onnx")
+    assert onnxprune.model_stats(onnxprune.load_model(tmp_path / "p.onnx")).params < 43706
