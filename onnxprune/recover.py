@@ -102,6 +102,34 @@ class _Recovery:
                     den += float(np.sum(r.astype(np.float64) ** 2))
         return num / den if den else 0.0
 
+    def targets(self, node: onnx.NodeProto, layer: "_Layer"):
+        """Per batch: (the layer's input in the pruned model, what its output should be), in pruned channels.
+
+        Normally the target is the original model's output of the layer. When the layer ends a residual branch
+        (layer -> [BatchNormalization] -> Add with the shortcut), it is what would make the *sum* match the original
+        given the pruned model's shortcut: the branch then also corrects the error the shortcut carries.
+        """
+        pruned = self.pruned_probe()
+        residual = _residual_branch(self.index, node) if layer.op == "Conv" else None
+        if residual is None:
+            out_idx = self.kept.get(Dim(node.output[0], layer.out_axis))
+            for (x_p,), (y_o,) in zip(pruned.iterate([node.input[0]]), self.original_probe.iterate([node.output[0]])):
+                yield x_p, (y_o if out_idx is None else np.take(y_o, out_idx, axis=layer.out_axis))
+            return
+        add, other, norm = residual
+        sum_idx = self.kept.get(Dim(add.output[0], 1))
+        for (x_p, other_p), (sum_o,) in zip(pruned.iterate([node.input[0], other]),
+                                            self.original_probe.iterate([add.output[0]])):
+            wanted = (sum_o if sum_idx is None else np.take(sum_o, sum_idx, axis=1)) - other_p
+            if norm is not None:  # invert the BatchNormalization: z = (t - beta) * sqrt(var + eps) / gamma + mean
+                gamma, beta, mean, var = (self.index.const_value(norm.input[i]).astype(np.float64) for i in range(1, 5))
+                eps = float(attr(norm, "epsilon", 1e-5))
+                shape = [1, -1] + [1] * (wanted.ndim - 2)
+                gamma = np.where(np.abs(gamma) > 1e-6, gamma, 1e-6)
+                wanted = ((wanted - beta.reshape(shape)) * np.sqrt(var + eps).reshape(shape) / gamma.reshape(shape)
+                          + mean.reshape(shape))
+            yield x_p, wanted
+
     def set_const(self, name: str, value: np.ndarray) -> None:
         self.pruned.replace(self.index.const_tensor(name), value)
         self.index.forget_value(name)
@@ -177,11 +205,8 @@ class _Recovery:
         cross = np.zeros((k, w_mat.shape[1]))
         yy = 0.0
         rng = np.random.default_rng(0)
-        pruned = self.pruned_probe()
-        for (x_p,), (y_o,) in zip(pruned.iterate([node.input[0]]), self.original_probe.iterate([node.output[0]])):
-            a, y = layer.rows(node, x_p, y_o, rng)
-            out_idx = self.kept.get(Dim(node.output[0], layer.out_axis))
-            y = y if out_idx is None else y[:, out_idx]
+        for x_p, target in self.targets(node, layer):
+            a, y = layer.rows(node, x_p, target, rng)
             if bias is not None:
                 a = np.hstack([a, np.ones((a.shape[0], 1))])
             gram += a.T @ a
@@ -200,6 +225,29 @@ class _Recovery:
             if bias is not None:
                 self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
         return LayerFix(node_label(node), "lsq", before, after if accepted else before, accepted)
+
+
+def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str,
+                                                                       onnx.NodeProto | None] | None:
+    """(Add, its other input, BatchNormalization or None) when ``node``'s output reaches a two-input residual Add
+    only through an optional per-channel BatchNormalization."""
+    uses = index.consumers_of(node.output[0])
+    if len(uses) != 1 or node.output[0] in index.graph_outputs:
+        return None
+    norm = None
+    user = uses[0].node
+    if user.op_type == "BatchNormalization" and uses[0].index == 0:
+        norm = user
+        uses = index.consumers_of(user.output[0])
+        if len(uses) != 1 or user.output[0] in index.graph_outputs:
+            return None
+        user = uses[0].node
+    if user.op_type != "Add" or len([n for n in user.input if n]) != 2:
+        return None
+    other = user.input[1 - uses[0].index]
+    if index.is_constant(other) or index.shape(other) != index.shape(user.output[0]):
+        return None
+    return user, other, norm
 
 
 def _take_axis(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: int) -> np.ndarray:
