@@ -20,6 +20,7 @@ from onnxprune.graph.index import GraphIndex, attr
 from onnxprune.graph.io import LoadedModel, default_output_path, load_model, save_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
 from onnxprune.prune.unstructured import UnstructuredResult, find_weights, prune_unstructured, to_sparse_storage
+from onnxprune.reconstruction import recon_scores
 from onnxprune.recover import RecoveryResult, recover
 from onnxprune.stats import ModelStats, model_stats, static_input_shapes
 
@@ -91,8 +92,14 @@ def prune_channels(model: LoadedModel, options: PruneOptions, batches: list | No
     if options.criterion == "act" and batches:
         dims = [d for g in groups.prunable() for d in g.dims if not groups.index.is_constant(d.tensor)]
         activation = {d: m.mean_abs for d, m in collect_moments(model.proto, dims, batches).items()}
+    given = None
+    if options.criterion == "recon":
+        if not batches:
+            raise ConfigError("--criterion recon needs calibration data (--calib)")
+        given = recon_scores(groups, groups.prunable(), model.proto, batches)
     plan = plan_channels(groups, options.channels or 0.0, options.scope, options.criterion, options.reduction,
-                         round_to, options.exclude, options.layer_channels, options.max_group_ratio, activation)
+                         round_to, options.exclude, options.layer_channels, options.max_group_ratio, activation,
+                         given)
     kept = apply_plan(groups, plan)
     return groups, plan, round_to, kept
 
@@ -154,6 +161,8 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
             report.notes.append("no channel group can be pruned (see the reasons above); channels are unchanged")
     if options.sparsity or options.pattern:
         criterion = options.criterion if options.criterion in ("l1", "l2", "wanda") else "l1"
+        if options.criterion in ("recon", "act") and options.channels:
+            criterion = "l1"
         if criterion != options.criterion:
             report.notes.append(f"criterion {options.criterion} applies to channels; weights ranked by l1")
         index = GraphIndex(model, shapes) if options.channels else index

@@ -13,7 +13,7 @@ from onnxprune.channels import Dim
 from onnxprune.dependency import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
 
-CHANNEL_CRITERIA = ("l1", "l2", "bn-scale", "act")
+CHANNEL_CRITERIA = ("l1", "l2", "bn-scale", "act", "recon")
 REDUCTIONS = ("mean", "sum", "max")
 WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
+from onnxprune.channels import Dim
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, find_groups, prune_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan
@@ -149,3 +150,30 @@ def test_calibration_errors(tmp_path, args, code, message):
     assert exit_code == code, output
     assert message in output and "Traceback" not in output
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_recon_criterion_removes_the_redundant_channel_first():
+    """A channel that the others can reproduce costs nothing to remove once the consumer is re-fitted; magnitude
+    scoring misses it when its weights are large."""
+    w1 = RNG.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w1[0] *= 3
+    w1[5] = 2 * w1[0]  # channels 0 and 5 are the largest, and each reproduces the other
+    proto = _two_convs(w1, None, relu=False)
+    from onnxprune.pipeline import prune_channels
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "c.npz"
+        np.savez(calib, x=RNG.standard_normal((64, 4, 6, 6)).astype(np.float32))
+        batches = [{"x": np.load(calib)["x"]}]
+        removed = {}
+        for criterion in ("recon", "l1"):
+            model = from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+            options = PruneOptions(channels=1 / 6, criterion=criterion, calib=str(calib), round_to=1, recover="none")
+            groups, plan, _, _ = prune_channels(model, options, batches)
+            group = next(g for g in groups.prunable() if Dim("w1", 0) in g.dims)
+            idx, owner = group.members[Dim("w1", 0)]
+            removed[criterion] = {int(idx[owner == c][0]) for c in plan.remove[group.id]}
+    assert removed["recon"] <= {0, 5} and len(removed["recon"]) == 1
+    assert not removed["l1"] & {0, 5}  # magnitude removes a small but useful channel instead

@@ -62,7 +62,7 @@ def _matches(group: ChannelGroup, pattern: str) -> bool:
 def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterion: str = "l1",
                   reduction: str = "mean", round_to: int = 1, exclude: tuple[str, ...] = (),
                   layer_ratios: tuple[tuple[str, float], ...] = (), max_group_ratio: float | None = None,
-                  activation: dict | None = None) -> ChannelPlan:
+                  activation: dict | None = None, given_scores: dict[int, np.ndarray] | None = None) -> ChannelPlan:
     """Pick the channels to remove from every prunable group.
 
     Args:
@@ -72,6 +72,8 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
         round_to: kept counts are rounded to multiples of this (1 = exact).
         exclude: glob patterns of node or tensor names whose groups stay whole.
         layer_ratios: (glob, ratio) overrides; the first matching pattern wins.
+        given_scores: per group id, channel scores computed elsewhere (``--criterion recon``); other groups are
+            scored by l1.
     """
     if not 0 <= ratio < 1:
         raise ConfigError(f"channel ratio must be in [0, 1), got {ratio}")
@@ -86,7 +88,14 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
             plan.notes[group.id] = "excluded by --exclude"
             continue
         group_ratio = next((r for p, r in layer_ratios if _matches(group, p)), ratio)
-        scores, note = channel_scores(groups, group, criterion, reduction, activation)
+        if criterion == "recon":
+            if given_scores is not None and group.id in given_scores:
+                scores, note = given_scores[group.id], None
+            else:
+                scores, note = channel_scores(groups, group, "l1", reduction)
+                note = "no layer reads this group's channels as input: scored by l1"
+        else:
+            scores, note = channel_scores(groups, group, criterion, reduction, activation)
         if note:
             plan.notes[group.id] = note
         candidates.append((group, group_ratio, scores))
