@@ -58,10 +58,13 @@ def main() -> None:
     configs = [("--channels 0.3", {"channels": 0.3}), ("--channels 0.5", {"channels": 0.5}),
                ("--channels 0.5 --criterion act", {"channels": 0.5, "criterion": "act"}),
                ("--channels 0.5 --scope global", {"channels": 0.5, "scope": "global"}),
+               ("--channels 0.5 --criterion recon", {"channels": 0.5, "criterion": "recon"}),
+               ("--channels 0.5 --criterion recon --scope global",
+                {"channels": 0.5, "criterion": "recon", "scope": "global"}),
                ("--sparsity 0.5", {"sparsity": 0.5}), ("--sparsity 0.7", {"sparsity": 0.7}),
                ("--sparsity 0.7 --criterion wanda", {"sparsity": 0.7, "criterion": "wanda"})]
     if args.quick:
-        configs = configs[1:2] + configs[5:6]
+        configs = [c for c in configs if c[0] in ("--channels 0.5", "--sparsity 0.7")]
     val = np.load(MODELS / "digits_val.npz")
     header = ["| model | pruning | recovery | MACs kept | top-1 % | agreement % | rel. error | seconds |",
               "|---|---|---|---|---|---|---|---|"]
@@ -74,8 +77,8 @@ def main() -> None:
         calib = Path(tmp) / "calib.npz"
         np.savez(calib, input=rng.standard_normal((256, 16, 32)).astype(np.float32))
         test = {"input": rng.standard_normal((256, 16, 32)).astype(np.float32)}
-        rows += bench("transformer.onnx", test, None, str(calib), [c for c in configs if "act" not in c[0]][:3],
-                      methods)
+        rows += bench("transformer.onnx", test, None, str(calib),
+                      [c for c in configs if "act" not in c[0] and "recon" not in c[0]][:3], methods)
     print("\n".join(header + rows))
 
 
