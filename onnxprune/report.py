@@ -8,25 +8,9 @@ import tempfile
 from pathlib import Path
 
 from onnxprune.errors import OutputError
+from onnxprune.formatting import human, table as _table
 from onnxprune.pipeline import PruneReport
 from onnxprune.stats import ModelStats
-
-
-def human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
 
 
 def _ratio(after: int | None, before: int | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from onnxprune.formatting import human
 from onnxprune.errors import ValidationFailed
 
 SCHEMA = "onnxprune.validate/1"
@@ -19,15 +20,6 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | int | None, fmt: str = "{:.3f}") -> str:
     return "-" if x is None else fmt.format(x)
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
 
 
 def _bytes(n: int | None) -> str:
@@ -156,7 +148,7 @@ class ValidationReport:
         if self.size:
             o, p = self.size["original"], self.size["pruned"]
             rows = [[label, fmt(o[key]), fmt(p[key]), _num(_ratio(p[key], o[key]))]
-                    for label, key, fmt in (("parameters", "params", _human), ("MACs/sample", "macs", _human),
+                    for label, key, fmt in (("parameters", "params", human), ("MACs/sample", "macs", human),
                                             ("file size", "file_size", _bytes))]
             parts += ["", "size", table(["", "original", "pruned", "pruned/original"], rows)]
         if self.mobile:
