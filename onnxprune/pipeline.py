@@ -134,13 +134,15 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
 
 def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
-    folded = fold_constant_subgraphs(GraphIndex(model, infer=False))
     shapes = static_input_shapes(model, options.input_shapes)
     index = GraphIndex(model, shapes)
     prunes_weights = bool(options.sparsity or options.pattern) and not options.channels
     # weights that unstructured pruning reads anyway are counted there, not read an extra time here
     before = model_stats(model, index=index, zeros={} if not prunes_weights else
                          {w.name: 0 for w in find_weights(index)})
+    folded = fold_constant_subgraphs(index)  # after "before": the stats describe the input as it is
+    if folded:
+        index = GraphIndex(model, shapes)
     report = PruneReport(str(model.path or ""), "", before, before, 0)
     report.structure_changed = bool(folded or options.channels or options.sparse_storage)
     if folded:
