@@ -142,7 +142,7 @@ def test_global_threshold_matches_radix_select(sizes, rounding, fraction, seed):
     if rounding is not None:
         arrays = [np.round(a, rounding) for a in arrays]
     weights = [WeightInfo(f"w{i}", "", "", a.shape, 0) for i, a in enumerate(arrays)]
-    scores = {w.name: np.abs(a) for w, a in zip(weights, arrays)}
+    scores = {w.name: np.abs(a).view(np.uint32) for w, a in zip(weights, arrays)}
     count = max(1, int(fraction * sum(sizes)))
     assert _global_threshold(lambda w: scores[w.name], weights, count) == \
         _radix_threshold(lambda w: scores[w.name], weights, count)

@@ -105,34 +105,27 @@ def _reduction_axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
     return rank - 2 if slot == 1 else rank - 1
 
 
-def _magnitude_bits(values: np.ndarray) -> np.ndarray:
-    """Bit patterns of |values| as float32: for non-negative floats they sort like the values, and integer
-    compares are faster. Already non-negative float32 input (scores) is only reinterpreted, not copied."""
-    values = np.asarray(values)
-    if values.dtype != np.float32:
-        values = values.astype(np.float32)
-    flat = values.reshape(-1)
-    if not (flat.size and flat.view(np.int32).min() >= 0):  # any sign bit set: take the magnitude
-        flat = np.abs(flat)
-    return flat.view(np.uint32)
-
-
 def _scores(values: np.ndarray, axis: int, scale: np.ndarray | None) -> np.ndarray:
-    """|w|, times the input feature norm along the reduction axis when given (Wanda: |W| x ||X||)."""
-    magnitude = np.abs(np.asarray(values, dtype=np.float32))
-    if scale is None:
-        return magnitude
-    shape = [1] * values.ndim
-    shape[axis] = -1
-    return magnitude * np.asarray(scale, dtype=np.float32).reshape(shape)
+    """Score bits (uint32, ordered like the scores) of |w|, times the input feature norm along the reduction axis
+    when given (Wanda: |W| x ||X||). For float32 |w| this is one pass: clear the sign bit."""
+    values = np.asarray(values)
+    if scale is None and values.dtype == np.float32:
+        return np.bitwise_and(values.reshape(-1).view(np.uint32), np.uint32(0x7FFFFFFF)).reshape(values.shape)
+    magnitude = np.abs(values.astype(np.float32))
+    if scale is not None:
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        magnitude = magnitude * np.asarray(scale, dtype=np.float32).reshape(shape)
+    return magnitude.view(np.uint32)
 
 
 def _zero_smallest(values: np.ndarray, count: int, scores: np.ndarray) -> np.ndarray:
-    """Copy of ``values`` with exactly its ``count`` lowest-scoring entries zeroed (ties by position)."""
+    """Copy of ``values`` with exactly its ``count`` lowest-scoring entries zeroed (ties by position); ``scores``
+    are score bits from :func:`_scores`."""
     flat = np.asarray(values).reshape(-1)
     if count <= 0:
         return flat.copy().reshape(values.shape)
-    bits = _magnitude_bits(scores)
+    bits = scores.reshape(-1)
     threshold = np.partition(bits, count - 1)[count - 1]
     keep = bits >= threshold
     out = np.multiply(flat, keep, dtype=flat.dtype)  # fastest masking; zeroed entries are small, never NaN/inf
@@ -162,14 +155,14 @@ def _global_threshold(score_of, weights: list[WeightInfo], count: int) -> tuple[
     total = sum(w.params for w in weights)
     stride = max(1, total >> 20)  # about a million samples in all
     # copy each slice at once: a view would keep the whole tensor's scores alive
-    sample = np.sort(np.concatenate([_magnitude_bits(score_of(w))[::stride].copy() for w in weights]))
+    sample = np.sort(np.concatenate([score_of(w).reshape(-1)[::stride].copy() for w in weights]))
     q = (count - 0.5) / total
     margin = 0.002 + 4 / np.sqrt(sample.size)
     lo = sample[max(0, int((q - margin) * sample.size))]
     hi = sample[min(sample.size - 1, int((q + margin) * sample.size))]
     below, inside = 0, []
     for w in weights:
-        bits = _magnitude_bits(score_of(w))
+        bits = score_of(w).reshape(-1)
         below += int(np.count_nonzero(bits < lo))
         inside.append(bits[(bits >= lo) & (bits <= hi)])
     middle = np.concatenate(inside)
@@ -185,13 +178,13 @@ def _radix_threshold(score_of, weights: list[WeightInfo], count: int) -> tuple[i
     """Two-pass radix select over the high and low 16 bits; exact for any distribution."""
     hist = np.zeros(1 << 16, dtype=np.int64)
     for w in weights:
-        hist += np.bincount(_magnitude_bits(score_of(w)) >> 16, minlength=1 << 16)
+        hist += np.bincount(score_of(w).reshape(-1) >> 16, minlength=1 << 16)
     cum = np.cumsum(hist)
     high = int(np.searchsorted(cum, count))
     below = int(cum[high - 1]) if high else 0
     hist_low = np.zeros(1 << 16, dtype=np.int64)
     for w in weights:
-        bits = _magnitude_bits(score_of(w))
+        bits = score_of(w).reshape(-1)
         hist_low += np.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
     cum_low = np.cumsum(hist_low)
     low = int(np.searchsorted(cum_low, count - below))
@@ -255,16 +248,19 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
     def prune_one(w: WeightInfo) -> np.ndarray | None:
         """New values of one tensor, or None when it stays as it is (runs in a worker thread)."""
         values = index.const_value(w.name)
-        w.zeros_before = w.zeros_after = int(np.count_nonzero(values == 0))
+        w.zeros_before = w.zeros_after = values.size - int(np.count_nonzero(values))
         if w.skipped or (w.name not in ratios and threshold is None):
             return None
         scores = score_of(w)
         if pattern:
-            return _zero_n_m(values, w.reduction_axis, *pattern, scores)
-        if w.name in ratios:
-            return _zero_smallest(values, int(round(ratios[w.name] * w.params)), scores)
-        bits = _magnitude_bits(scores)
-        return np.multiply(np.asarray(values).reshape(-1), bits >= threshold, dtype=values.dtype).reshape(values.shape)
+            new = _zero_n_m(values, w.reduction_axis, *pattern, scores)
+        elif w.name in ratios:
+            new = _zero_smallest(values, int(round(ratios[w.name] * w.params)), scores)
+        else:
+            keep = scores.reshape(-1) >= threshold
+            new = np.multiply(np.asarray(values).reshape(-1), keep, dtype=values.dtype).reshape(values.shape)
+        w.zeros_after = new.size - int(np.count_nonzero(new))  # counted here, in the worker thread
+        return new
 
     def finish(w: WeightInfo, new: np.ndarray | None) -> None:
         """Apply one result in tensor order (global ties are taken first-come, in that order)."""
@@ -272,12 +268,12 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
             return
         if threshold is not None and w.name not in ratios and not pattern and tied_left[0]:
             flat = new.reshape(-1)
-            tied = np.flatnonzero(_magnitude_bits(score_of(w)) == threshold)[: tied_left[0]]
+            tied = np.flatnonzero(score_of(w).reshape(-1) == threshold)[: tied_left[0]]
+            w.zeros_after += int(np.count_nonzero(flat[tied]))
             flat[tied] = 0
             tied_left[0] -= tied.size
         index.model.replace(index.const_tensor(w.name), new)
         index.forget_value(w.name)
-        w.zeros_after = int(np.count_nonzero(new == 0))
 
     # numpy releases the GIL in the heavy kernels: two tensors are processed at once, and results are applied
     # (and streamed to the output) strictly in order, with at most a few tensors in memory
