@@ -14,11 +14,12 @@ import onnx
 from onnxprune.calibration import collect_moments
 from onnxprune.channels import Dim
 from onnxprune.dependency import PRODUCERS, GroupSet, build_groups
-from onnxprune.errors import ConfigError
+from onnxprune.errors import ConfigError, OutputError
 from onnxprune.graph.fold import fold_constant_subgraphs
 from onnxprune.graph.index import GraphIndex, attr
 from onnxprune.graph.io import LoadedModel, default_output_path, load_model, save_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
+from onnxprune.prune.verify import masked_model, max_difference, random_feeds
 from onnxprune.prune.unstructured import UnstructuredResult, find_weights, prune_unstructured, to_sparse_storage
 from onnxprune.reconstruction import recon_scores
 from onnxprune.recover import RecoveryResult, recover
@@ -47,6 +48,7 @@ class PruneOptions:
     calib_limit: int | None = 256
     calib_batch: int = 32
     recover: str | None = None  # None: "lsq" with calibration data, else "none"
+    verify: bool = False  # prove the channel removal against the masked original on random inputs
 
 
 @dataclass
@@ -116,6 +118,30 @@ def _calibration(model: LoadedModel, options: PruneOptions) -> list[dict[str, np
     return [feed for feed, _ in data.batches(options.calib_batch)]
 
 
+VERIFY_TOLERANCE = 1e-3
+
+
+def _verify(reference: onnx.ModelProto | None, model: LoadedModel, groups: GroupSet, plan: ChannelPlan,
+            options: PruneOptions, report: PruneReport) -> None:
+    """Run the exactness oracle on the result; a mismatch is an error and nothing is written."""
+    if reference is None:
+        report.notes.append("--verify skipped: external-data models are not loaded into memory")
+        return
+    if not plan.remove:
+        return
+    feeds = random_feeds(reference, batch=2, input_shapes=options.input_shapes)
+    if feeds is None:
+        report.notes.append("--verify skipped: the model has dynamic dims other than the batch; give --input-shape")
+        return
+    difference = max_difference(masked_model(reference, groups, plan.remove), model.proto, feeds)
+    if not difference <= VERIFY_TOLERANCE:
+        raise OutputError(f"internal error: the pruned model differs from the original with the removed channels "
+                          f"masked (max relative difference {difference:.3g}); nothing was written. Please report "
+                          "this with the model.")
+    report.notes.append(f"verified: on 2 random inputs the pruned model equals the original with the removed "
+                        f"channels masked to zero (max relative difference {difference:.2g})")
+
+
 def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
     """Per weight: L2 norm over the calibration data of each input feature the weight multiplies (for Wanda)."""
     wanted: dict[str, Dim] = {}
@@ -156,7 +182,13 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     changed: set[str] = set()
     kept: dict[Dim, np.ndarray] = {}
     if options.channels:
+        reference = None
+        if options.verify and not model.external:
+            reference = onnx.ModelProto()
+            reference.CopyFrom(model.proto)
         groups, plan, report.round_to, kept = prune_channels(model, options, batches, index)
+        if options.verify:
+            _verify(reference, model, groups, plan, options, report)
         changed |= {d.tensor for d in kept if groups.index.is_constant(d.tensor)}
         report.groups = _group_rows(groups, plan.remove, plan.notes)
         if not groups.prunable():

@@ -126,3 +126,31 @@ def test_real_subprocess_and_debug_flag(tmp_path, model_copy):
                             str(tmp_path / "nope.onnx"), "--sparsity", "0.5", "--debug"], capture_output=True,
                            text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_verify_proves_the_removal(model_copy, tmp_path):
+    path = model_copy("densenet_bn.onnx")
+    code, output = run_cli([str(path), "--channels", "0.4", "--round-to", "1", "--verify"])
+    assert code == 0, output
+    assert "verified: on 2 random inputs" in output
+
+
+def test_verify_catches_a_wrong_removal_and_writes_nothing(model_copy, tmp_path, monkeypatch):
+    """Sabotage apply_plan (remove other channels than planned): --verify must refuse to write the result."""
+    import numpy as np
+
+    import onnxprune.pipeline as pipeline
+    from onnxprune.prune.structured import ChannelPlan, apply_plan
+
+    def wrong_apply(groups, plan):
+        shifted = {gid: np.array(sorted({(int(c) + 1) % groups.groups[gid].size for c in ids}))
+                   for gid, ids in plan.remove.items()}
+        return apply_plan(groups, ChannelPlan(shifted))
+
+    monkeypatch.setattr(pipeline, "apply_plan", wrong_apply)
+    path = model_copy("resnet_bn.onnx")
+    before = snapshot(tmp_path)
+    code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--verify"])
+    assert code == 4, output
+    assert "differs from the original" in output
+    assert snapshot(tmp_path) == before

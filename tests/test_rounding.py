@@ -35,3 +35,16 @@ def test_rounded_plans_use_blocks_and_stay_within_exact_macs(name, block):
     if rounded.after.macs > exact.after.macs * 1.03:  # only when no group can go one block lower
         assert all(g.blocked or min(allowed_keeps(g.before, block)) == g.after for g in rounded.groups)
     assert any(g.after < g.before for g in rounded.groups)
+
+
+def test_rounding_without_shapes_still_prunes():
+    """With dynamic H/W no MACs are known: groups are rounded to the nearest block, never all put back."""
+    proto = onnx.load(str(MODELS / "resnet_bn.onnx"))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for axis in (2, 3):
+        dims[axis].Clear()
+        dims[axis].dim_param = f"s{axis}"
+    del proto.graph.value_info[:]
+    report = prune_model(from_proto(proto), PruneOptions(channels=0.3, round_to=16))
+    assert report.after.macs is None
+    assert [g.after for g in report.groups if g.before == 32] == [16, 16, 16]

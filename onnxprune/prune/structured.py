@@ -182,8 +182,9 @@ def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: di
         keeps[g.id] += delta
         excess += costs[g.id] * delta
     while True:  # lighter than asked: give channels back to the most deprived group while within the budget
-        moves = [(-deficit(g, keeps[g.id]), g.id, g) for g in chosen
-                 if step(g, 1) and keeps[g.id] < targets[g.id] and excess + costs[g.id] * step(g, 1) <= 0]
+        moves = [(-deficit(g, keeps[g.id]), g.id, g) for g in chosen  # unknown cost (0): no evidence, no move
+                 if step(g, 1) and keeps[g.id] < targets[g.id] and costs[g.id] > 0
+                 and excess + costs[g.id] * step(g, 1) <= 0]
         if not moves:
             return keeps
         g = min(moves)[-1]
