@@ -5,7 +5,7 @@ The CLI's ``prune`` command only turns options into :class:`PruneOptions` and re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class PruneOptions:
     calib_batch: int = 32
     recover: str | None = None  # None: "lsq" with calibration data, else "none"
     verify: bool = False  # prove the channel removal against the masked original on random inputs
+    steps: int = 1  # remove the channels in this many rounds, recovering after each (with --calib)
 
 
 @dataclass
@@ -118,6 +119,31 @@ def _calibration(model: LoadedModel, options: PruneOptions) -> list[dict[str, np
     return [feed for feed, _ in data.batches(options.calib_batch)]
 
 
+def _prune_in_steps(model: LoadedModel, options: PruneOptions) -> PruneReport:
+    """Remove channels in ``options.steps`` equal rounds (each keeps the same fraction), recovering after each, so
+    every round re-fits to a model that is still close to the last one. Weight sparsity is applied in the last."""
+
+    def per_step(ratio: float) -> float:
+        return 1.0 - (1.0 - ratio) ** (1.0 / options.steps)
+
+    reports = []
+    for step in range(options.steps):
+        last = step == options.steps - 1
+        reports.append(prune_model(model, replace(
+            options, steps=1, channels=per_step(options.channels),
+            layer_channels=tuple((glob, per_step(r)) for glob, r in options.layer_channels),
+            sparsity=options.sparsity if last else None, pattern=options.pattern if last else None)))
+    first, final = reports[0], reports[-1]
+    final.before = first.before
+    final.input = first.input
+    initial = {g.name: g.before for g in first.groups}
+    for g in final.groups:
+        g.before = initial.get(g.name, g.before)
+    final.structure_changed = any(r.structure_changed for r in reports)
+    final.notes = [f"step {k + 1}/{options.steps}: {n}" for k, r in enumerate(reports) for n in r.notes]
+    return final
+
+
 VERIFY_TOLERANCE = 1e-3
 
 
@@ -160,6 +186,8 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
 
 def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
+    if options.steps > 1 and options.channels:
+        return _prune_in_steps(model, options)
     shapes = static_input_shapes(model, options.input_shapes)
     index = GraphIndex(model, shapes)
     prunes_weights = bool(options.sparsity or options.pattern) and not options.channels

@@ -61,6 +61,7 @@ def main() -> None:
                ("--channels 0.5 --criterion recon", {"channels": 0.5, "criterion": "recon"}),
                ("--channels 0.5 --criterion recon --scope global",
                 {"channels": 0.5, "criterion": "recon", "scope": "global"}),
+               ("--channels 0.5 --criterion recon --steps 2", {"channels": 0.5, "criterion": "recon", "steps": 2}),
                ("--sparsity 0.5", {"sparsity": 0.5}), ("--sparsity 0.7", {"sparsity": 0.7}),
                ("--sparsity 0.7 --criterion wanda", {"sparsity": 0.7, "criterion": "wanda"})]
     if args.quick:

@@ -66,6 +66,8 @@ class RoundToType(click.ParamType):
 @click.option("--recover", "recover_method", type=click.Choice(["none", "bn", "lsq"]),
               help="Training-free recovery with --calib: bn (moment matching of BatchNorm statistics / biases) or "
                    "lsq (least-squares re-fit of each layer). Default with --calib: lsq.")
+@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Remove the channels in N equal rounds, recovering after each (with --calib).")
 @click.option("--verify", is_flag=True, help="Prove the channel removal: compare the result with the original "
               "whose removed channels are masked to zero, on random inputs; a mismatch is an error.")
 @click.option("--validate", "do_validate", is_flag=True, help="Validate the result against the input afterwards.")
@@ -77,7 +79,7 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                   pattern: str | None, scope: str, criterion: str, reduction: str, round_to: int | None,
                   exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
-                  recover_method: str | None, verify: bool, do_validate: bool, input_shapes,
+                  recover_method: str | None, steps: int, verify: bool, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, **validation) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
     if channels is None and sparsity is None and pattern is None:
@@ -89,7 +91,7 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                            exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
                            input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
-                           recover=recover_method, verify=verify)
+                           recover=recover_method, verify=verify, steps=steps)
     report = prune_file(model, output, options)
     click.echo(render_prune(report))
     data = prune_dict(report)
