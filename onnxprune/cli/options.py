@@ -8,17 +8,21 @@ import click
 
 
 class RatioType(click.ParamType):
-    """A fraction in [0, 1)."""
+    """A fraction in [0, 1) (pruning ratios: 1 would remove everything), or in [0, 1] with ``closed``."""
 
     name = "ratio"
+
+    def __init__(self, closed: bool = False, hint: str = "") -> None:
+        self.closed = closed
+        self.hint = hint
 
     def convert(self, value, param, ctx):
         try:
             ratio = float(value)
         except (TypeError, ValueError):
             self.fail(f"'{value}' is not a number", param, ctx)
-        if not 0 <= ratio < 1:
-            self.fail(f"{ratio} is outside [0, 1)", param, ctx)
+        if not (0 <= ratio <= 1 if self.closed else 0 <= ratio < 1):
+            self.fail(f"{ratio} is outside [0, 1{']' if self.closed else ')'}{self.hint}", param, ctx)
         return ratio
 
 

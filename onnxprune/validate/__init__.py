@@ -20,6 +20,7 @@ import click
 import numpy as np
 import onnxruntime as ort
 
+from onnxprune.cli.options import RatioType
 from onnxprune.errors import ConfigError, DataError
 from onnxprune.graph.io import LoadedModel, load_model
 from onnxprune.validate import data as data_mod
@@ -76,22 +77,7 @@ class FloatListType(click.ParamType):
             self.fail(f"'{value}' is not a comma-separated list of numbers", param, ctx)
 
 
-class FractionType(click.ParamType):
-    """A fraction in [0, 1]."""
-
-    name = "fraction"
-
-    def convert(self, value, param, ctx):
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"'{value}' is not a number", param, ctx)
-        if not 0 <= x <= 1:
-            self.fail(f"{x} is outside [0, 1] (fractions: 0.01 = one percentage point)", param, ctx)
-        return x
-
-
-FRACTION = FractionType()
+FRACTION = RatioType(closed=True, hint=" (fractions: 0.01 = one percentage point)")
 
 _OPTIONS = [
     click.option("--data", type=click.Path(exists=True), help="Validation data: an .npz with one array per model "
