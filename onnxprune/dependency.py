@@ -16,9 +16,8 @@ import numpy as np
 import onnx
 
 from onnxprune.channels import Block, Dim, Link, lookup
-from onnxprune.graph.index import GraphIndex, node_label
+from onnxprune.graph.index import GraphIndex, is_weighted, node_label
 
-PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass
@@ -178,7 +177,7 @@ def seed_dims(index: GraphIndex) -> list[tuple[Dim, onnx.NodeProto]]:
     """Output-channel dims of every weighted layer: where groups start."""
     seeds = []
     for node in index.graph.node:
-        if node.op_type not in PRODUCERS or node.domain not in ("", "ai.onnx") or not node.output:
+        if not is_weighted(node) or not node.output:
             continue
         y = node.output[0]
         rank = index.rank(y)

@@ -13,10 +13,10 @@ import onnx
 
 from onnxprune.calibration import collect_moments
 from onnxprune.channels import Dim
-from onnxprune.dependency import PRODUCERS, GroupSet, build_groups
+from onnxprune.dependency import GroupSet, build_groups
 from onnxprune.errors import ConfigError, OutputError
 from onnxprune.graph.fold import fold_constant_subgraphs
-from onnxprune.graph.index import GraphIndex, attr
+from onnxprune.graph.index import GraphIndex, attr, is_weighted
 from onnxprune.graph.io import LoadedModel, default_output_path, load_model, save_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
 from onnxprune.prune.verify import masked_model, max_difference, random_feeds
@@ -172,7 +172,7 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
     """Per weight: L2 norm over the calibration data of each input feature the weight multiplies (for Wanda)."""
     wanted: dict[str, Dim] = {}
     for w in find_weights(index):
-        node = next(u.node for u in index.consumers_of(w.name) if u.node.op_type in PRODUCERS)
+        node = next(u.node for u in index.consumers_of(w.name) if is_weighted(u.node))
         if node.input[0] == w.name:
             continue
         rank = index.rank(node.input[0])

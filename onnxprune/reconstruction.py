@@ -16,10 +16,9 @@ import numpy as np
 import onnx
 
 from onnxprune.calibration import Probe
-from onnxprune.channels import Dim
 from onnxprune.dependency import ChannelGroup, GroupSet
 from onnxprune.graph.index import attr
-from onnxprune.recover import _conv_rows
+from onnxprune.recover import conv_rows
 
 DAMP = 0.01
 MAX_FEATURES = 4608
@@ -75,7 +74,7 @@ def _consumers(groups: GroupSet, group: ChannelGroup, probe: Probe) -> list[_Con
 
                 def rows(x, node=node, kernel=kernel):
                     dummy = np.zeros((x.shape[0], 1) + _out_hw(node, x, kernel))
-                    return _conv_rows(node, kernel, x, dummy, rng)[0]
+                    return conv_rows(node, kernel, x, dummy, rng)[0]
             elif node.op_type == "Gemm" and not int(attr(node, "transA", 0)) and \
                     dim.axis == (1 if int(attr(node, "transB", 0)) else 0):
                 per = 1

@@ -302,10 +302,10 @@ class _Layer:
     def rows(self, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         if self.op != "Conv":
             return x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64)
-        return _conv_rows(node, self.kernel, x, y, rng)
+        return conv_rows(node, self.kernel, x, y, rng)
 
 
-def _conv_rows(node: onnx.NodeProto, kernel: tuple[int, int], x: np.ndarray, y: np.ndarray,
+def conv_rows(node: onnx.NodeProto, kernel: tuple[int, int], x: np.ndarray, y: np.ndarray,
                rng) -> tuple[np.ndarray, np.ndarray]:
     """im2col at a random sample of output positions: rows of (c, kh, kw) patches and the matching outputs."""
     n, c = x.shape[:2]

@@ -8,28 +8,27 @@ the others, then reduced over members (mean, sum or max).
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from onnxprune.channels import Dim
 from onnxprune.dependency import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
+from onnxprune.graph.index import is_weighted
 
 CHANNEL_CRITERIA = ("l1", "l2", "bn-scale", "act", "recon")
 REDUCTIONS = ("mean", "sum", "max")
-WEIGHT_SLOTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def weight_uses(groups: GroupSet, group: ChannelGroup) -> list[tuple[Dim, onnx.NodeProto]]:
+    """(member dim, layer) for every constant member that is an operand of a weighted layer (either operand)."""
+    index = groups.index
+    return [(dim, use.node) for dim in group.dims if index.is_constant(dim.tensor)
+            for use in index.consumers_of(dim.tensor) if is_weighted(use.node) and use.index in (0, 1)]
 
 
 def weight_dims(groups: GroupSet, group: ChannelGroup) -> list[Dim]:
-    """Member dims that are weights of Conv/ConvTranspose/Gemm/MatMul (either operand when constant)."""
-    index = groups.index
-    found = []
-    for dim in group.dims:
-        if not index.is_constant(dim.tensor):
-            continue
-        for use in index.consumers_of(dim.tensor):
-            if use.node.op_type in WEIGHT_SLOTS and use.index in (0, 1):
-                found.append(dim)
-                break
-    return found
+    """Member dims that are weights of Conv/ConvTranspose/Gemm/MatMul (each listed once)."""
+    return list(dict.fromkeys(dim for dim, _ in weight_uses(groups, group)))
 
 
 def bn_scale_dims(groups: GroupSet, group: ChannelGroup) -> list[Dim]:

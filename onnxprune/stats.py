@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.graph.index import GraphIndex, attr, node_label
+from onnxprune.graph.index import GraphIndex, attr, is_weighted, node_label
 from onnxprune.graph.io import LoadedModel, iter_tensors
 from onnxprune.prune.unstructured import FLOAT_TYPES, find_weights
 
@@ -98,7 +98,7 @@ def model_stats(model: LoadedModel, input_shapes: dict[str, list[int]] | None = 
     layers, total_macs, unknown = [], 0, False
     seen_weight: set[str] = set()
     for node in index.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+        if not is_weighted(node):
             continue
         macs = node_macs(index, node)
         unknown |= macs is None

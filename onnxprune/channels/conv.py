@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.channels.registry import Block, Dim, Link, register, register_fix, slot_of
+from onnxprune.channels.registry import Block, Dim, Link, register, register_fix
 from onnxprune.graph.index import GraphIndex, attr
 
 

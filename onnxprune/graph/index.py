@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxprune.graph.io import LoadedModel
 
@@ -27,6 +26,14 @@ class Use:
 
     node: onnx.NodeProto
     index: int
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def is_weighted(node: onnx.NodeProto) -> bool:
+    """A layer with (usually constant) weights: what produces and consumes channels, and what has MACs."""
+    return node.op_type in WEIGHTED_OPS and node.domain in ("", "ai.onnx")
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -293,6 +300,3 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph.sparse_initializer.extend(src.sparse_initializer)
     return out
 
-
-def value_to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(tensor)

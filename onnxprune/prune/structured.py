@@ -18,7 +18,7 @@ from onnxprune.channels import Dim, lookup
 from onnxprune.dependency import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex
-from onnxprune.scoring import channel_scores
+from onnxprune.scoring import channel_scores, weight_uses
 from onnxprune.stats import node_macs
 
 
@@ -138,17 +138,8 @@ def _note_rounding(plan: ChannelPlan, chosen: list[ChannelGroup], targets: dict[
 def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
     """MACs that one channel of ``group`` costs: for every weighted layer it touches, the layer's MACs divided by
     the size of the weight axis the group runs along (0 where shapes are unknown)."""
-    index = groups.index
-    cost = 0.0
-    for dim in group.dims:
-        if not index.is_constant(dim.tensor):
-            continue
-        for use in index.consumers_of(dim.tensor):
-            if use.node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and use.index in (0, 1):
-                macs = node_macs(index, use.node)
-                if macs:
-                    cost += macs / groups.dim_sizes[dim]
-    return cost
+    macs = ((dim, node_macs(groups.index, node)) for dim, node in weight_uses(groups, group))
+    return sum(m / groups.dim_sizes[dim] for dim, m in macs if m)
 
 
 def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: dict[int, float],

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ConfigError
-from onnxprune.graph.index import GraphIndex, attr, node_label
+from onnxprune.graph.index import GraphIndex, attr, is_weighted, node_label
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 CRITERIA = ("l1", "l2", "wanda")
@@ -72,7 +72,7 @@ def find_weights(index: GraphIndex) -> list[WeightInfo]:
     """Float constant weights of Conv, ConvTranspose, Gemm and MatMul, each listed once even when shared."""
     found: dict[str, WeightInfo] = {}
     for node in index.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if not is_weighted(node):
             continue
         slots = [1] if node.op_type in ("Conv", "ConvTranspose", "Gemm") else [0, 1]
         for slot in slots:
