@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -99,13 +101,18 @@ def test_recovery_never_worse_than_none_on_held_out_data(name, tmp_path):
     assert errors["lsq"] < errors["none"] or errors["none"] < 1e-6, errors
 
 
+def _prune_digits(name: str, calib: Path, **options):
+    """A fresh copy of a trained digits model, pruned with calibration data; returns (model, report)."""
+    model = from_proto(onnx.load(str(MODELS / name)))
+    return model, prune_model(model, PruneOptions(calib=str(calib), **options))
+
+
 def test_unstructured_recovery_keeps_zeros_and_helps(tmp_path):
     data = np.load(MODELS / "digits_val.npz")
     np.savez(tmp_path / "calib.npz", input=data["input"][:128])
     counts = {}
     for method in ("none", "lsq"):
-        model = from_proto(onnx.load(str(MODELS / "digits_resnet.onnx")))
-        report = prune_model(model, PruneOptions(sparsity=0.7, calib=str(tmp_path / "calib.npz"), recover=method))
+        model, report = _prune_digits("digits_resnet.onnx", tmp_path / "calib.npz", sparsity=0.7, recover=method)
         zeros = sum(int((numpy_helper.to_array(t) == 0).sum()) for t in model.proto.graph.initializer
                     if t.name in {w.name for w in report.unstructured.weights})
         counts[method] = zeros
@@ -120,9 +127,8 @@ def test_wanda_and_act_criteria_use_calibration(tmp_path):
     np.savez(tmp_path / "calib.npz", input=data["input"][:64])
     masks = {}
     for criterion in ("l1", "wanda"):
-        model = from_proto(onnx.load(str(MODELS / "digits_plain.onnx")))
-        prune_model(model, PruneOptions(sparsity=0.5, criterion=criterion, calib=str(tmp_path / "calib.npz"),
-                                        recover="none"))
+        model, _ = _prune_digits("digits_plain.onnx", tmp_path / "calib.npz", sparsity=0.5, criterion=criterion,
+                                 recover="none")
         masks[criterion] = [numpy_helper.to_array(t) == 0 for t in model.proto.graph.initializer if t.dims]
     assert any((a != b).any() for a, b in zip(masks["l1"], masks["wanda"]))
     model = from_proto(onnx.load(str(MODELS / "digits_plain.onnx")))
@@ -159,8 +165,6 @@ def test_recon_criterion_removes_the_redundant_channel_first():
     w1[5] = 2 * w1[0]  # channels 0 and 5 are the largest, and each reproduces the other
     proto = _two_convs(w1, None, relu=False)
     from onnxprune.pipeline import prune_channels
-    import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "c.npz"
