@@ -22,7 +22,7 @@ from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_
 from onnxprune.prune.verify import masked_model, max_difference, random_feeds
 from onnxprune.prune.unstructured import UnstructuredResult, find_weights, prune_unstructured, to_sparse_storage
 from onnxprune.reconstruction import recon_scores
-from onnxprune.recover import RecoveryResult, recover
+from onnxprune.recover import RecoveryResult, Reselect, recover
 from onnxprune.stats import ModelStats, model_stats, static_input_shapes
 
 
@@ -184,6 +184,19 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
     return {name: np.sqrt(moments[d].s2) for name, d in wanted.items()}
 
 
+def _weight_criterion(options: PruneOptions, batches: list | None, report: PruneReport) -> str:
+    """The criterion for single weights: channel-only criteria fall back to l1; obs needs data and lsq."""
+    criterion = options.criterion
+    if criterion not in ("l1", "l2", "wanda", "obs"):
+        report.notes.append(f"criterion {criterion} applies to channels; weights ranked by l1")
+        return "l1"
+    if criterion in ("wanda", "obs") and not batches:
+        raise ConfigError(f"--criterion {criterion} needs calibration data (--calib)")
+    if criterion == "obs" and (options.recover or "lsq") != "lsq":
+        raise ConfigError("--criterion obs chooses the zeros while re-fitting each layer: it needs --recover lsq")
+    return criterion
+
+
 def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
     if options.steps > 1 and options.channels:
@@ -221,17 +234,18 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         report.groups = _group_rows(groups, plan.remove, plan.notes)
         if not groups.prunable():
             report.notes.append("no channel group can be pruned (see the reasons above); channels are unchanged")
+    reselect: dict[str, Reselect] = {}
     if options.sparsity or options.pattern:
-        criterion = options.criterion if options.criterion in ("l1", "l2", "wanda") else "l1"
-        if options.criterion in ("recon", "act") and options.channels:
-            criterion = "l1"
-        if criterion != options.criterion:
-            report.notes.append(f"criterion {options.criterion} applies to channels; weights ranked by l1")
+        criterion = _weight_criterion(options, batches, report)
         index = GraphIndex(model, shapes) if options.channels else index
-        norms = _feature_norms(index, batches) if criterion == "wanda" and batches else None
-        report.unstructured = prune_unstructured(index, options.sparsity, options.scope, criterion, options.exclude,
+        norms = _feature_norms(index, batches) if criterion in ("wanda", "obs") else None
+        report.unstructured = prune_unstructured(index, options.sparsity, options.scope,
+                                                 "wanda" if criterion == "obs" else criterion, options.exclude,
                                                  options.layer_sparsity, options.min_params, options.pattern, norms)
         changed |= {w.name for w in report.unstructured.weights if w.zeros_after != w.zeros_before}
+        if criterion == "obs":  # wanda set how many zeros each tensor gets; lsq chooses which, by OBS
+            reselect = {w.name: Reselect(None if options.pattern else w.zeros_after, options.pattern)
+                        for w in report.unstructured.weights if not w.skipped and w.name in changed}
         if not report.unstructured.weights:
             report.notes.append("no prunable weights (constant float weights of Conv, ConvTranspose, Gemm or "
                                 "MatMul): weights are unchanged")
@@ -239,7 +253,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
             _sparse_storage(model, index, report)
     if batches:
         method = options.recover or "lsq"
-        report.recovery = recover(original, model, kept, batches, method, changed)
+        report.recovery = recover(original, model, kept, batches, method, changed, reselect=reselect)
         report.notes += report.recovery.notes
     known = None
     if report.unstructured is not None:

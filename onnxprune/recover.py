@@ -27,9 +27,11 @@ from onnxprune.channels import Dim
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex, attr, node_label
 from onnxprune.graph.io import LoadedModel
+from onnxprune.prune.obs import obs_sweep
 
 METHODS = ("none", "bn", "lsq")
 MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch: enough for a well-posed Gram matrix
+EXACT_FLOPS = 3e9  # per-output exact solves above this cost are replaced by the one-pass OBS update
 MAX_FEATURES = 4608  # larger reductions (e.g. 512x3x3) are left alone: their Gram matrix would dominate memory
 
 
@@ -40,6 +42,15 @@ class LayerFix:
     error_before: float
     error_after: float
     accepted: bool
+
+
+@dataclass(frozen=True)
+class Reselect:
+    """For ``--criterion obs``: how many of a weight's entries to zero (or the N:M pattern) when its layer is
+    re-fitted; the zeros themselves are chosen then."""
+
+    zeros: int | None
+    pattern: tuple[int, int] | None = None
 
 
 @dataclass
@@ -73,8 +84,10 @@ def _take(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: in
 
 class _Recovery:
     def __init__(self, original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.ndarray],
-                 batches: list[dict[str, np.ndarray]], changed: set[str], damp: float) -> None:
+                 batches: list[dict[str, np.ndarray]], changed: set[str], damp: float,
+                 reselect: dict[str, Reselect]) -> None:
         self.original = original
+        self.reselect = reselect
         self.pruned = pruned
         self.kept = kept
         self.batches = batches
@@ -213,18 +226,27 @@ class _Recovery:
             cross += a.T @ y
             yy += float((y * y).sum())
         w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
-        support = w_full != 0
-        if bias is not None:
-            support[-1, :] = True
         before = _error(gram, cross, yy, w_full)
-        new = _ridge(gram, cross, support, self.damp)
-        after = _error(gram, cross, yy, new)
+        candidates = [_refit(gram, cross, w_full != 0, w_mat.shape[0], self.damp)]
+        choice = self.reselect.get(layer.weight)
+        kind = "lsq"
+        if choice is not None:  # --criterion obs: choose the zeros here, on the pruned model's own activations
+            dense = _ridge(gram, cross, np.ones_like(w_full, dtype=bool), self.damp)
+            order = layer.pattern_order(weight.shape, choice.pattern)
+            chosen = obs_sweep(dense, gram, w_mat.shape[0], zeros=choice.zeros, pattern=choice.pattern, order=order,
+                               damp=self.damp)
+            candidates.append(_refit(gram, cross, chosen != 0, w_mat.shape[0], self.damp, start=chosen))
+        errors = [_error(gram, cross, yy, c) for c in candidates]
+        best = int(np.argmin(errors))
+        new, after = candidates[best], errors[best]
+        if best == 1:
+            kind = "obs"
         accepted = after < before
         if accepted:
             self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
             if bias is not None:
                 self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
-        return LayerFix(node_label(node), "lsq", before, after if accepted else before, accepted)
+        return LayerFix(node_label(node), kind, before, after if accepted else before, accepted)
 
 
 def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str,
@@ -258,6 +280,21 @@ def _take_axis(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axi
 def _error(gram: np.ndarray, cross: np.ndarray, yy: float, w: np.ndarray) -> float:
     """||A w - Y||^2 from the accumulated A^T A, A^T Y and ||Y||^2."""
     return float(np.einsum("ko,kj,jo->", w, gram, w) - 2 * np.sum(w * cross) + yy)
+
+
+def _refit(gram: np.ndarray, cross: np.ndarray, support: np.ndarray, prunable: int, damp: float,
+           start: np.ndarray | None = None) -> np.ndarray:
+    """The best weights on ``support`` (rows past ``prunable``, a bias, are always free): exact per output when
+    that is affordable, else the sequential OBS update from the dense solution (or from ``start``)."""
+    support = support.copy()
+    support[prunable:] = True
+    sizes = support.sum(0).astype(np.float64)
+    if support.all() or float(np.sum(sizes ** 3)) <= EXACT_FLOPS:
+        return _ridge(gram, cross, support, damp)
+    if start is not None:
+        return start
+    dense = _ridge(gram, cross, np.ones_like(support), damp)
+    return obs_sweep(dense, gram, prunable, mask=~support[:prunable], damp=damp)
 
 
 def _ridge(gram: np.ndarray, cross: np.ndarray, support: np.ndarray, damp: float) -> np.ndarray:
@@ -299,6 +336,13 @@ class _Layer:
             return m.T.reshape(shape)
         return m.T if self.trans else m
 
+    def pattern_order(self, shape: tuple[int, ...], pattern: tuple[int, int] | None) -> np.ndarray | None:
+        """Matrix rows in an order where N:M groups (consecutive along the reduction axis) are consecutive."""
+        if pattern is None or self.op != "Conv":
+            return None  # Gemm/MatMul rows are the reduction axis itself
+        channels, spatial = shape[1], int(np.prod(shape[2:]))
+        return np.arange(channels * spatial).reshape(channels, spatial).T.reshape(-1)
+
     def rows(self, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
         if self.op != "Conv":
             return x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64)
@@ -330,6 +374,8 @@ def conv_rows(node: onnx.NodeProto, kernel: tuple[int, int], x: np.ndarray, y: n
 
 def _layer_of(index: GraphIndex, node: onnx.NodeProto) -> _Layer | str:
     """The layer view of ``node`` for lsq, or why it is skipped."""
+    if len(node.input) > 1 and len(index.consumers_of(node.input[1])) > 1:
+        return "weight shared with other nodes"
     if node.op_type == "Conv":
         w = index.shape(node.input[1])
         if not index.is_constant(node.input[1]) or w is None or len(w) != 4:
@@ -358,12 +404,14 @@ def _layer_of(index: GraphIndex, node: onnx.NodeProto) -> _Layer | str:
 
 
 def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.ndarray],
-            batches: list[dict[str, np.ndarray]], method: str, changed: set[str], damp: float = 0.01) -> RecoveryResult:
+            batches: list[dict[str, np.ndarray]], method: str, changed: set[str], damp: float = 0.01,
+            reselect: dict[str, Reselect] | None = None) -> RecoveryResult:
     """Run ``method`` ("bn" or "lsq") on ``pruned`` in place, with ``original`` as the reference.
 
     Args:
         kept: kept original indices of every shrunk dim (from structured pruning; empty for unstructured).
         changed: names of constants that pruning modified; only layers downstream of them are revisited.
+        reselect: weights whose zeros lsq chooses itself by OBS (``--criterion obs``), with how many to zero.
     """
     if method not in METHODS:
         raise ConfigError(f"unknown recovery '{method}' (choose from {', '.join(METHODS)})")
@@ -374,7 +422,7 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
         result.notes.append("recovery skipped: external-data models are not loaded into memory")
         return result
     start = time.perf_counter()
-    job = _Recovery(original, pruned, kept, batches, changed, damp)
+    job = _Recovery(original, pruned, kept, batches, changed, damp, reselect or {})
     backup = onnx.ModelProto()
     backup.CopyFrom(pruned.proto)
     result.output_error_before = job.output_error()
