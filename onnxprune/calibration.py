@@ -1,9 +1,9 @@
 """Running a model on calibration data and reducing the activations it needs on the fly.
 
 Why a module of its own: scoring and recovery both need intermediate tensors, but never all of them at once. A
-:class:`Probe` registers every tensor of interest as an extra graph output once, then each ``run`` asks onnxruntime
-for only the few tensors needed now (onnxruntime computes just what those outputs need), batch by batch, and the
-caller folds each batch into small statistics (per-channel moments, Gram matrices) before the next one.
+:class:`Probe` asks onnxruntime for only the few tensors needed now, from a graph cut down to what they depend on,
+batch by batch, and the caller folds each batch into small statistics (per-channel moments, Gram matrices) before
+the next one.
 """
 
 from __future__ import annotations
@@ -18,31 +18,84 @@ from onnxprune.errors import ConfigError
 
 
 class Probe:
-    """An onnxruntime session over ``proto`` that can return any listed intermediate tensor."""
+    """Runs ``proto`` on the calibration batches and returns any intermediate tensors asked for.
+
+    onnxruntime executes every node of a graph whatever outputs are fetched, so each set of fetched tensors gets a
+    session over a copy of the graph cut down to the nodes those tensors depend on (an early layer's input costs a
+    fraction of a full pass), with the fetched tensors as its outputs (so graph optimisations cannot fuse them
+    away). The last few sessions are cached.
+    """
+
+    CACHE = 2
 
     def __init__(self, proto: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]]) -> None:
-        model = onnx.ModelProto()
-        model.CopyFrom(proto)
-        present = {o.name for o in model.graph.output}
-        for name in dict.fromkeys(tensors):
-            if name not in present:
-                model.graph.output.append(onnx.ValueInfoProto(name=name))
+        self.proto = proto
+        self.tensors = set(tensors)
+        self.batches = batches
+        self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
+
+    def _session(self, fetch: tuple[str, ...]) -> ort.InferenceSession:
+        if fetch in self._sessions:
+            self._sessions[fetch] = self._sessions.pop(fetch)  # most recently used last
+            return self._sessions[fetch]
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), options,
-                                                providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(cut_to(self.proto, list(fetch)).SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several types
             raise ConfigError(f"cannot run the model for calibration: {str(exc).splitlines()[0]}") from None
-        self.batches = batches
+        while len(self._sessions) >= self.CACHE:
+            self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[fetch] = session
+        return session
 
     def iterate(self, names: list[str]) -> Iterator[list[np.ndarray]]:
         """For each calibration batch, the values of ``names``."""
-        fetch = [n for n in names if n not in self.batches[0]] if self.batches else names
+        fetch = tuple(dict.fromkeys(n for n in names if n not in self.batches[0])) if self.batches else tuple(names)
+        session = self._session(fetch) if fetch else None
         for feed in self.batches:
-            values = dict(zip(fetch, self.session.run(fetch, feed))) if fetch else {}
+            values = dict(zip(fetch, session.run(list(fetch), feed))) if session is not None else {}
             yield [feed[n] if n in feed else values[n] for n in names]
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every name read inside ``node``'s subgraphs (If/Loop/Scan bodies may read outer tensors)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(inner.input)
+                names |= _subgraph_inputs(inner)
+    return names
+
+
+def cut_to(proto: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` computing only ``outputs`` (its graph outputs), with the nodes and initializers they
+    need; every graph input is kept so that the same feeds work."""
+    needed = set(outputs)
+    nodes = []
+    for node in reversed(proto.graph.node):
+        if any(o in needed for o in node.output):
+            nodes.append(node)
+            needed.update(i for i in node.input if i)
+            needed |= _subgraph_inputs(node)
+    model = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(model, field, getattr(proto, field))
+    model.opset_import.extend(proto.opset_import)
+    model.functions.extend(proto.functions)
+    graph = model.graph
+    graph.name = proto.graph.name
+    graph.node.extend(reversed(nodes))
+    graph.initializer.extend(t for t in proto.graph.initializer if t.name in needed)
+    graph.sparse_initializer.extend(t for t in proto.graph.sparse_initializer if t.values.name in needed)
+    graph.input.extend(proto.graph.input)
+    graph.value_info.extend(v for v in proto.graph.value_info if v.name in needed)
+    known = {o.name: o for o in proto.graph.output}
+    graph.output.extend(known.get(name, onnx.ValueInfoProto(name=name)) for name in outputs)
+    return model
 
 
 def to_batches(inputs: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -27,7 +27,7 @@ from onnxprune.channels import Dim
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex, attr, node_label
 from onnxprune.graph.io import LoadedModel
-from onnxprune.prune.obs import obs_sweep
+from onnxprune.prune.obs import Hessian, obs_sweep
 
 METHODS = ("none", "bn", "lsq")
 MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch: enough for a well-posed Gram matrix
@@ -227,15 +227,15 @@ class _Recovery:
             yy += float((y * y).sum())
         w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
         before = _error(gram, cross, yy, w_full)
-        candidates = [_refit(gram, cross, w_full != 0, w_mat.shape[0], self.damp)]
+        hessian = Hessian(gram, self.damp)
+        candidates = [_refit(hessian, cross, w_full != 0, w_mat.shape[0])]
         choice = self.reselect.get(layer.weight)
         kind = "lsq"
         if choice is not None:  # --criterion obs: choose the zeros here, on the pruned model's own activations
-            dense = _ridge(gram, cross, np.ones_like(w_full, dtype=bool), self.damp)
             order = layer.pattern_order(weight.shape, choice.pattern)
-            chosen = obs_sweep(dense, gram, w_mat.shape[0], zeros=choice.zeros, pattern=choice.pattern, order=order,
-                               damp=self.damp)
-            candidates.append(_refit(gram, cross, chosen != 0, w_mat.shape[0], self.damp, start=chosen))
+            chosen = obs_sweep(hessian.solve(cross), hessian, w_mat.shape[0], zeros=choice.zeros,
+                               pattern=choice.pattern, order=order)
+            candidates.append(_refit(hessian, cross, chosen != 0, w_mat.shape[0], start=chosen))
         errors = [_error(gram, cross, yy, c) for c in candidates]
         best = int(np.argmin(errors))
         new, after = candidates[best], errors[best]
@@ -279,38 +279,35 @@ def _take_axis(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axi
 
 def _error(gram: np.ndarray, cross: np.ndarray, yy: float, w: np.ndarray) -> float:
     """||A w - Y||^2 from the accumulated A^T A, A^T Y and ||Y||^2."""
-    return float(np.einsum("ko,kj,jo->", w, gram, w) - 2 * np.sum(w * cross) + yy)
+    return float(np.sum(w * (gram @ w)) - 2 * np.sum(w * cross) + yy)  # matrix product: BLAS, not einsum loops
 
 
-def _refit(gram: np.ndarray, cross: np.ndarray, support: np.ndarray, prunable: int, damp: float,
+def _refit(hessian: Hessian, cross: np.ndarray, support: np.ndarray, prunable: int,
            start: np.ndarray | None = None) -> np.ndarray:
     """The best weights on ``support`` (rows past ``prunable``, a bias, are always free): exact per output when
-    that is affordable, else the sequential OBS update from the dense solution (or from ``start``)."""
+    that is affordable, else the sequential OBS update from the dense solution (or ``start``, already swept)."""
     support = support.copy()
     support[prunable:] = True
-    sizes = support.sum(0).astype(np.float64)
-    if support.all() or float(np.sum(sizes ** 3)) <= EXACT_FLOPS:
-        return _ridge(gram, cross, support, damp)
+    if support.all():
+        return hessian.solve(cross)
+    if float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
+        return _ridge(hessian, cross, support)
     if start is not None:
         return start
-    dense = _ridge(gram, cross, np.ones_like(support), damp)
-    return obs_sweep(dense, gram, prunable, mask=~support[:prunable], damp=damp)
+    return obs_sweep(hessian.solve(cross), hessian, prunable, mask=~support[:prunable])
 
 
-def _ridge(gram: np.ndarray, cross: np.ndarray, support: np.ndarray, damp: float) -> np.ndarray:
-    """Solve each output column on its own support: w_S = (G_SS + damp*mean(diag) I)^-1 C_S."""
-    lam = damp * float(np.mean(np.diag(gram))) + 1e-12
+def _ridge(hessian: Hessian, cross: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Solve each output column on its own support: w_S = (G_SS + lam I)^-1 C_S."""
     out = np.zeros_like(cross)
-    if support.all():
-        return np.linalg.solve(gram + lam * np.eye(len(gram)), cross)
     patterns: dict[bytes, list[int]] = {}
     for o in range(cross.shape[1]):
         patterns.setdefault(support[:, o].tobytes(), []).append(o)
-    for key, cols in patterns.items():
+    for cols in patterns.values():
         s = support[:, cols[0]]
         if not s.any():
             continue
-        sub = gram[np.ix_(s, s)] + lam * np.eye(int(s.sum()))
+        sub = hessian.gram[np.ix_(s, s)] + hessian.lam * np.eye(int(s.sum()))
         out[np.ix_(s, cols)] = np.linalg.solve(sub, cross[np.ix_(s, cols)])
     return out
 
@@ -374,7 +371,9 @@ def conv_rows(node: onnx.NodeProto, kernel: tuple[int, int], x: np.ndarray, y: n
 
 def _layer_of(index: GraphIndex, node: onnx.NodeProto) -> _Layer | str:
     """The layer view of ``node`` for lsq, or why it is skipped."""
-    if len(node.input) > 1 and len(index.consumers_of(node.input[1])) > 1:
+    if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        return "not a weighted layer"
+    if len(node.input) > 1 and index.is_constant(node.input[1]) and len(index.consumers_of(node.input[1])) > 1:
         return "weight shared with other nodes"
     if node.op_type == "Conv":
         w = index.shape(node.input[1])

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, prune_model
-from onnxprune.prune.obs import obs_sweep
+from onnxprune.prune.obs import Hessian, obs_sweep
 
 from conftest import MODELS
 from test_cli import run_cli
@@ -45,7 +45,7 @@ def _sequential_obs(w: np.ndarray, gram: np.ndarray, drop: np.ndarray) -> np.nda
 def test_sweep_with_a_given_mask_is_sequential_obs(seed):
     _, w, gram = _layer(seed)
     drop = np.random.default_rng(seed + 10).random(w.shape) < 0.6
-    got = obs_sweep(w, gram, len(w), mask=drop, damp=0.0)
+    got = obs_sweep(w, Hessian(gram, 0.0), len(w), mask=drop)
     assert np.all(got[drop] == 0)
     np.testing.assert_allclose(got, _sequential_obs(w, gram, drop), rtol=1e-6, atol=1e-8)
 
@@ -54,7 +54,7 @@ def test_sweep_with_a_given_mask_is_sequential_obs(seed):
 def test_obs_zeros_exact_count_and_beats_magnitude(seed):
     x, w, gram = _layer(seed)
     zeros = int(0.7 * w.size)
-    got = obs_sweep(w, gram, len(w), zeros=zeros, damp=1e-6)
+    got = obs_sweep(w, Hessian(gram, 1e-6), len(w), zeros=zeros)
     assert int(np.sum(got == 0)) == zeros
     threshold = np.sort(np.abs(w).reshape(-1))[zeros - 1]
     magnitude = np.where(np.abs(w) <= threshold, 0.0, w)
@@ -69,7 +69,7 @@ def test_obs_zeros_exact_count_and_beats_magnitude(seed):
 def test_pattern_is_kept_in_the_given_order_and_the_bias_row_is_never_zeroed():
     _, w, gram = _layer(0, k=17)  # 16 features + a bias row
     order = np.arange(16).reshape(4, 4).T.reshape(-1)  # groups of 4 are features {j, j+4, j+8, j+12}
-    got = obs_sweep(w, gram, 16, pattern=(2, 4), order=order, damp=1e-6)
+    got = obs_sweep(w, Hessian(gram, 1e-6), 16, pattern=(2, 4), order=order)
     groups = got[:16].reshape(4, 4, -1)  # [group member, j, output]: members of one group share j
     assert np.all(np.count_nonzero(groups, axis=0) <= 2)
     assert np.all(got[16] != 0)
