@@ -36,11 +36,26 @@ class _Consumer:
         self.alive = np.ones(len(gram), dtype=bool)
 
     def cost(self, channel: int) -> float:
-        b = self.rows_of[channel]
-        if not b.size:
-            return 0.0
-        wb = self.w[b]
-        return float(np.sum(wb * np.linalg.solve(self.h[np.ix_(b, b)], wb)))
+        return float(self.costs([channel])[0])
+
+    def costs(self, channels: list[int]) -> np.ndarray:
+        """tr(W_b^T (H_bb)^-1 W_b) of each channel, as one batched solve (channels own equally many rows, or
+        none, in every layer the rules handle; others are solved one by one)."""
+        out = np.zeros(len(channels))
+        sizes = {self.rows_of[c].size for c in channels} - {0}
+        if len(sizes) == 1:
+            live = [k for k, c in enumerate(channels) if self.rows_of[c].size]
+            rows = np.stack([self.rows_of[channels[k]] for k in live])  # [n, b]
+            blocks = self.h[rows[:, :, None], rows[:, None, :]]  # [n, b, b]
+            wb = self.w[rows]  # [n, b, O]
+            out[live] = np.sum(wb * np.linalg.solve(blocks, wb), axis=(1, 2))
+            return out
+        for k, c in enumerate(channels):
+            b = self.rows_of[c]
+            if b.size:
+                wb = self.w[b]
+                out[k] = float(np.sum(wb * np.linalg.solve(self.h[np.ix_(b, b)], wb)))
+        return out
 
     def remove(self, channel: int) -> None:
         b = self.rows_of[channel]
@@ -56,8 +71,9 @@ class _Consumer:
 
 
 def _consumers(groups: GroupSet, group: ChannelGroup, probe: Probe) -> list[_Consumer]:
+    """Every layer reading the group's channels, with the Gram matrix of its calibration input."""
     index = groups.index
-    found = []
+    found: list = []
     rng = np.random.default_rng(0)
     for dim in group.dims:
         if not index.is_constant(dim.tensor):
@@ -91,15 +107,20 @@ def _consumers(groups: GroupSet, group: ChannelGroup, probe: Probe) -> list[_Con
                 continue
             if matrix.shape[0] > MAX_FEATURES:
                 continue
-            gram = np.zeros((matrix.shape[0], matrix.shape[0]))
-            for (x,) in probe.iterate([node.input[0]]):
-                a = rows(x)
-                gram += a.T @ a
             idx, owner = group.members[dim]
             rows_of = [np.concatenate([np.arange(i * per, (i + 1) * per) for i in idx[owner == c]])
                        if np.any(owner == c) else np.zeros(0, dtype=np.int64) for c in range(group.size)]
-            found.append(_Consumer(matrix.copy(), rows_of, gram))
-    return found
+            found.append((node.input[0], rows, matrix, rows_of))
+    if not found:
+        return []
+    inputs = list(dict.fromkeys(name for name, _, _, _ in found))
+    grams = [np.zeros((m.shape[0], m.shape[0])) for _, _, m, _ in found]
+    for values in probe.iterate(inputs):  # every consumer's input from one pass over the data
+        by_name = dict(zip(inputs, values))
+        for gram, (name, rows, _, _) in zip(grams, found):
+            a = rows(by_name[name])
+            gram += a.T @ a
+    return [_Consumer(matrix.copy(), rows_of, gram) for gram, (_, _, matrix, rows_of) in zip(grams, found)]
 
 
 def _out_hw(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, int]) -> tuple[int, int]:
@@ -122,15 +143,15 @@ def recon_scores(groups: GroupSet, chosen: list[ChannelGroup], proto: onnx.Model
         if not consumers:
             continue
         if group.size > GREEDY_LIMIT:
-            scores[group.id] = np.array([sum(c.cost(ch) for c in consumers) for ch in range(group.size)])
+            scores[group.id] = sum(c.costs(list(range(group.size))) for c in consumers)
             continue
         alive = list(range(group.size))
         score = np.zeros(group.size)
         total = 0.0
         while len(alive) > 1:
-            costs = [sum(c.cost(ch) for c in consumers) for ch in alive]
+            costs = sum(c.costs(alive) for c in consumers)
             pick = alive[int(np.argmin(costs))]
-            total += min(costs)
+            total += float(np.min(costs))
             score[pick] = total  # cumulative: later removals always score higher
             for c in consumers:
                 c.remove(pick)
