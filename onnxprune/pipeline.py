@@ -34,7 +34,7 @@ class PruneOptions:
     sparsity: float | None = None
     pattern: tuple[int, int] | None = None
     scope: str = "layer"
-    criterion: str = "l1"
+    criterion: str = "auto"  # auto: l1, or with calibration data recon (channels) and obs (weights; wanda without lsq)
     reduction: str = "mean"
     round_to: int | None = None  # None: the CPU's NCHWc block (16 with AVX-512, else 8)
     exclude: tuple[str, ...] = ()
@@ -91,16 +91,19 @@ def prune_channels(model: LoadedModel, options: PruneOptions, batches: list | No
     """Plan and apply structured removal in place; returns (groups, the plan applied, round_to, kept indices)."""
     groups = build_groups(index) if index is not None else find_groups(model, options.input_shapes)
     round_to = options.round_to if options.round_to is not None else cpu_block()
+    criterion = options.criterion
+    if criterion == "auto":
+        criterion = "recon" if batches else "l1"
     activation = None
-    if options.criterion == "act" and batches:
+    if criterion == "act" and batches:
         dims = [d for g in groups.prunable() for d in g.dims if not groups.index.is_constant(d.tensor)]
         activation = {d: m.mean_abs for d, m in collect_moments(model.proto, dims, batches).items()}
     given = None
-    if options.criterion == "recon":
+    if criterion == "recon":
         if not batches:
             raise ConfigError("--criterion recon needs calibration data (--calib)")
         given = recon_scores(groups, groups.prunable(), model.proto, batches)
-    plan = plan_channels(groups, options.channels or 0.0, options.scope, options.criterion, options.reduction,
+    plan = plan_channels(groups, options.channels or 0.0, options.scope, criterion, options.reduction,
                          round_to, options.exclude, options.layer_channels, options.max_group_ratio, activation,
                          given)
     kept = apply_plan(groups, plan)
@@ -187,6 +190,9 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
 def _weight_criterion(options: PruneOptions, batches: list | None, report: PruneReport) -> str:
     """The criterion for single weights: channel-only criteria fall back to l1; obs needs data and lsq."""
     criterion = options.criterion
+    if criterion == "auto":
+        lsq = (options.recover or "lsq") == "lsq"
+        return ("obs" if lsq else "wanda") if batches else "l1"
     if criterion not in ("l1", "l2", "wanda", "obs"):
         report.notes.append(f"criterion {criterion} applies to channels; weights ranked by l1")
         return "l1"
@@ -216,6 +222,10 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         report.notes.append(f"folded {folded} node(s) computed from constants into initializers "
                             "(weights behind Identity/Cast/Reshape and the like)")
     batches = _calibration(model, options)
+    if options.criterion == "auto" and batches:
+        chosen = (["recon for channels"] if options.channels else []) + (
+            [f"{_weight_criterion(options, batches, report)} for weights"] if options.sparsity or options.pattern else [])
+        report.notes.append(f"criterion auto with calibration data: {', '.join(chosen)}")
     original = None
     if batches:
         original = onnx.ModelProto()

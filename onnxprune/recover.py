@@ -31,6 +31,7 @@ from onnxprune.prune.obs import Hessian, obs_sweep
 
 METHODS = ("none", "bn", "lsq")
 MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch: enough for a well-posed Gram matrix
+CROSS_CHECK_ROWS = 4  # fewer calibration rows than this many per feature: re-fits are cross-validated
 EXACT_FLOPS = 3e9  # per-output exact solves above this cost are replaced by the one-pass OBS update
 MAX_FEATURES = 4608  # larger reductions (e.g. 512x3x3) are left alone: their Gram matrix would dominate memory
 
@@ -210,43 +211,78 @@ class _Recovery:
     # -- lsq --------------------------------------------------------------------------------------------------------
 
     def fix_lsq(self, node: onnx.NodeProto, layer: "_Layer") -> LayerFix:
+        """Re-fit one layer. With fewer calibration rows than CROSS_CHECK_ROWS x features, a re-fit can memorise the
+        calibration data, so candidates are then judged by two-fold cross-validation (fit on one half of the rows,
+        error on the other) and kept only if that error beats the current weights."""
         weight = self.index.const_value(layer.weight).astype(np.float64)
         w_mat = layer.to_matrix(weight)  # [K, O]
         bias = self.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
-        k = w_mat.shape[0] + (1 if bias is not None else 0)
-        gram = np.zeros((k, k))
-        cross = np.zeros((k, w_mat.shape[1]))
-        yy = 0.0
+        folds = [_Normal(w_mat.shape[0] + (bias is not None), w_mat.shape[1]) for _ in range(2)]
         rng = np.random.default_rng(0)
         for x_p, target in self.targets(node, layer):
             a, y = layer.rows(node, x_p, target, rng)
             if bias is not None:
                 a = np.hstack([a, np.ones((a.shape[0], 1))])
-            gram += a.T @ a
-            cross += a.T @ y
-            yy += float((y * y).sum())
+            half = rng.random(len(a)) < 0.5
+            folds[0].add(a[half], y[half])
+            folds[1].add(a[~half], y[~half])
+        total = folds[0] + folds[1]
         w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
-        before = _error(gram, cross, yy, w_full)
-        hessian = Hessian(gram, self.damp)
-        candidates = [_refit(hessian, cross, w_full != 0, w_mat.shape[0])]
+        before = total.error(w_full)
         choice = self.reselect.get(layer.weight)
-        kind = "lsq"
-        if choice is not None:  # --criterion obs: choose the zeros here, on the pruned model's own activations
-            order = layer.pattern_order(weight.shape, choice.pattern)
-            chosen = obs_sweep(hessian.solve(cross), hessian, w_mat.shape[0], zeros=choice.zeros,
-                               pattern=choice.pattern, order=order)
-            candidates.append(_refit(hessian, cross, chosen != 0, w_mat.shape[0], start=chosen))
-        errors = [_error(gram, cross, yy, c) for c in candidates]
-        best = int(np.argmin(errors))
-        new, after = candidates[best], errors[best]
-        if best == 1:
-            kind = "obs"
+
+        def candidates(normal: _Normal) -> list[np.ndarray]:
+            """[re-fit on the current zeros, (with --criterion obs) re-fit on zeros chosen by OBS]"""
+            hessian = Hessian(normal.gram, self.damp)
+            found = [_refit(hessian, normal.cross, w_full != 0, w_mat.shape[0])]
+            if choice is not None:  # choose the zeros here, on the pruned model's own activations
+                order = layer.pattern_order(weight.shape, choice.pattern)
+                chosen = obs_sweep(hessian.solve(normal.cross), hessian, w_mat.shape[0], zeros=choice.zeros,
+                                   pattern=choice.pattern, order=order)
+                found.append(_refit(hessian, normal.cross, chosen != 0, w_mat.shape[0], start=chosen))
+            return found
+
+        fitted = candidates(total)
+        if total.rows >= CROSS_CHECK_ROWS * len(total.gram):
+            judged = [total.error(c) for c in fitted]
+        else:
+            judged = [folds[1].error(a) + folds[0].error(b) for a, b in zip(candidates(folds[0]),
+                                                                         candidates(folds[1]))]
+        best = int(np.argmin(judged))
+        new, after = fitted[best], judged[best]
         accepted = after < before
         if accepted:
             self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
             if bias is not None:
                 self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
-        return LayerFix(node_label(node), kind, before, after if accepted else before, accepted)
+        return LayerFix(node_label(node), "obs" if best == 1 else "lsq", before, after if accepted else before,
+                        accepted)
+
+
+class _Normal:
+    """Accumulated normal equations of a least-squares problem: A^T A, A^T Y, ||Y||^2 and the row count."""
+
+    def __init__(self, k: int, o: int) -> None:
+        self.gram = np.zeros((k, k))
+        self.cross = np.zeros((k, o))
+        self.yy = 0.0
+        self.rows = 0
+
+    def add(self, a: np.ndarray, y: np.ndarray) -> None:
+        self.gram += a.T @ a
+        self.cross += a.T @ y
+        self.yy += float((y * y).sum())
+        self.rows += len(a)
+
+    def __add__(self, other: "_Normal") -> "_Normal":
+        out = _Normal(*self.cross.shape)
+        out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
+        out.yy, out.rows = self.yy + other.yy, self.rows + other.rows
+        return out
+
+    def error(self, w: np.ndarray) -> float:
+        """||A w - Y||^2 (a matrix product: BLAS, not an einsum loop)."""
+        return float(np.sum(w * (self.gram @ w)) - 2 * np.sum(w * self.cross) + self.yy)
 
 
 def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str,
@@ -275,11 +311,6 @@ def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.Node
 def _take_axis(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: int) -> np.ndarray:
     idx = kept.get(Dim(tensor, axis))
     return values if idx is None else np.take(values, idx, axis=axis)
-
-
-def _error(gram: np.ndarray, cross: np.ndarray, yy: float, w: np.ndarray) -> float:
-    """||A w - Y||^2 from the accumulated A^T A, A^T Y and ||Y||^2."""
-    return float(np.sum(w * (gram @ w)) - 2 * np.sum(w * cross) + yy)  # matrix product: BLAS, not einsum loops
 
 
 def _refit(hessian: Hessian, cross: np.ndarray, support: np.ndarray, prunable: int,

@@ -93,7 +93,7 @@ def test_recovery_never_worse_than_none_on_held_out_data(name, tmp_path):
     errors = {}
     for method in ("none", "bn", "lsq"):
         model = from_proto(onnx.load(str(MODELS / name)))
-        prune_model(model, PruneOptions(channels=0.3, round_to=1, calib=str(calib), recover=method))
+        prune_model(model, PruneOptions(channels=0.3, round_to=1, calib=str(calib), recover=method, criterion="l1"))
         out = ort.InferenceSession(model.proto.SerializeToString()).run(None, held_out)[0]
         errors[method] = float(np.mean((out - ref) ** 2) / np.mean(ref ** 2))
     assert errors["bn"] <= errors["none"] * 1.02 + 1e-9, errors
@@ -196,3 +196,19 @@ def test_steps_prune_in_rounds_and_report_against_the_original():
     assert sum(g.after for g in two.groups) <= sum(g.after for g in one.groups) + len(one.groups)
     assert two.before.macs == one.before.macs and two.after.macs <= one.after.macs * 1.1
     assert results[2][0] >= results[1][0]  # measured on this model: 92.2% in one round, 94.4% in two
+
+
+def test_auto_criterion_uses_calibration_data_when_given(tmp_path):
+    """auto = l1 without data; with data recon for channels and obs for weights (wanda when lsq is off)."""
+    plain = {}
+    for criterion in ("auto", "l1"):
+        model = from_proto(onnx.load(str(MODELS / "digits_plain.onnx")))
+        prune_model(model, PruneOptions(channels=0.5, sparsity=0.3, round_to=1, criterion=criterion))
+        plain[criterion] = model.proto.SerializeToString()
+    assert plain["auto"] == plain["l1"]
+    calib = str(MODELS / "digits_calib.npz")
+    for recover_method, weights in (("lsq", "obs"), ("none", "wanda")):
+        model = from_proto(onnx.load(str(MODELS / "digits_plain.onnx")))
+        report = prune_model(model, PruneOptions(channels=0.5, sparsity=0.3, round_to=1, calib=calib,
+                                                 recover=recover_method))
+        assert f"criterion auto with calibration data: recon for channels, {weights} for weights" in report.notes

@@ -42,12 +42,13 @@ class RoundToType(click.ParamType):
 @click.option("--pattern", help="N:M sparsity, e.g. 2:4: keep N of every M weights along the reduction axis.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="layer: each group/tensor loses the ratio; global: one ranking across all of them.")
-@click.option("--criterion", type=click.Choice(["l1", "l2", "bn-scale", "act", "recon", "wanda", "obs"]), default="l1",
-              show_default=True, help="Importance: weight magnitude (l1/l2), BatchNormalization |scale| (channels), "
-                                      "act = l1 x mean |activation| (channels, needs --calib), recon = output lost "
-                                      "after re-fitting, greedy OBS (channels, needs --calib), wanda = |w| x input "
-                                      "norm (weights, needs --calib), obs = zeros chosen layer by layer while "
-                                      "re-fitting, SparseGPT-style OBS (weights, needs --calib and lsq).")
+@click.option("--criterion", type=click.Choice(["auto", "l1", "l2", "bn-scale", "act", "recon", "wanda", "obs"]),
+              default="auto", show_default=True,
+              help="Importance: auto = l1, or with --calib recon (channels) and obs (weights); l1/l2 = weight "
+                   "magnitude; bn-scale = BatchNormalization |scale| (channels); act = l1 x mean |activation| "
+                   "(channels, needs --calib); recon = output lost after re-fitting, greedy OBS (channels, needs "
+                   "--calib); wanda = |w| x input norm (weights, needs --calib); obs = zeros chosen layer by layer "
+                   "while re-fitting, SparseGPT-style OBS (weights, needs --calib and lsq).")
 @click.option("--group-reduction", "reduction", type=click.Choice(["mean", "sum", "max"]), default="mean",
               show_default=True, help="How a channel's scores over its group members are combined.")
 @click.option("--round-to", type=RoundToType(), default="auto", show_default=True,
