@@ -30,8 +30,9 @@ from onnxprune.graph.io import LoadedModel
 from onnxprune.prune.obs import Hessian, obs_sweep
 
 METHODS = ("none", "bn", "lsq")
-MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch: enough for a well-posed Gram matrix
-CROSS_CHECK_ROWS = 4  # fewer calibration rows than this many per feature: re-fits are cross-validated
+MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch, or more when a wide layer needs
+# CROSS_CHECK_ROWS rows per feature over all batches (for a well-posed Gram matrix without cross-validation)
+CROSS_CHECK_ROWS = 2  # fewer calibration rows than this many per feature: re-fits are cross-validated
 EXACT_FLOPS = 3e9  # per-output exact solves above this cost are replaced by the one-pass OBS update
 MAX_FEATURES = 4608  # larger reductions (e.g. 512x3x3) are left alone: their Gram matrix would dominate memory
 
@@ -219,8 +220,9 @@ class _Recovery:
         bias = self.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
         folds = [_Normal(w_mat.shape[0] + (bias is not None), w_mat.shape[1]) for _ in range(2)]
         rng = np.random.default_rng(0)
+        limit = max(MAX_ROWS_PER_BATCH, -(-CROSS_CHECK_ROWS * len(folds[0].gram) // len(self.batches)))
         for x_p, target in self.targets(node, layer):
-            a, y = layer.rows(node, x_p, target, rng)
+            a, y = layer.rows(node, x_p, target, rng, limit)
             if bias is not None:
                 a = np.hstack([a, np.ones((a.shape[0], 1))])
             half = rng.random(len(a)) < 0.5
@@ -371,14 +373,15 @@ class _Layer:
         channels, spatial = shape[1], int(np.prod(shape[2:]))
         return np.arange(channels * spatial).reshape(channels, spatial).T.reshape(-1)
 
-    def rows(self, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    def rows(self, node: onnx.NodeProto, x: np.ndarray, y: np.ndarray, rng,
+             limit: int = MAX_ROWS_PER_BATCH) -> tuple[np.ndarray, np.ndarray]:
         if self.op != "Conv":
             return x.reshape(-1, x.shape[-1]).astype(np.float64), y.reshape(-1, y.shape[-1]).astype(np.float64)
-        return conv_rows(node, self.kernel, x, y, rng)
+        return conv_rows(node, self.kernel, x, y, rng, limit)
 
 
 def conv_rows(node: onnx.NodeProto, kernel: tuple[int, int], x: np.ndarray, y: np.ndarray,
-               rng) -> tuple[np.ndarray, np.ndarray]:
+              rng, limit: int = MAX_ROWS_PER_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """im2col at a random sample of output positions: rows of (c, kh, kw) patches and the matching outputs."""
     n, c = x.shape[:2]
     kh, kw = kernel
@@ -388,7 +391,7 @@ def conv_rows(node: onnx.NodeProto, kernel: tuple[int, int], x: np.ndarray, y: n
     xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
     ho, wo = y.shape[2], y.shape[3]
     total = n * ho * wo
-    pick = rng.choice(total, size=min(total, MAX_ROWS_PER_BATCH), replace=False)
+    pick = rng.choice(total, size=min(total, limit), replace=False)
     bn, rem = np.divmod(pick, ho * wo)
     oh, ow = np.divmod(rem, wo)
     ih = oh[:, None] * sh + (np.arange(kh) * dh)[None, :]  # [P, kh]

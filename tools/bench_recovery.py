@@ -5,12 +5,13 @@ Trained digits CNNs (models/digits_*.onnx) are evaluated on the held-out set (mo
 task: for it the table shows agreement with the original (top-1 of its 10 outputs and relative error) on random
 inputs, calibrated on other random inputs.
 
-    python tools/bench_recovery.py [--quick]
+    python tools/bench_recovery.py [--quick] [--subsets 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +40,9 @@ def bench(name: str, feeds: dict, labels: np.ndarray | None, calib: str, configs
         for method in methods:
             model = from_proto(onnx.load(str(MODELS / name)))
             start = time.perf_counter()
+            if method != "lsq" and "steps" in options or (method != "lsq" and "sparsity" in options
+                                                                 and "criterion" not in options):
+                continue  # rounds without re-fitting, and obs (chosen while re-fitting), need lsq
             report = prune_model(model, PruneOptions(calib=calib, recover=method, round_to=1, **options))
             seconds = time.perf_counter() - start
             out = run(model.proto, feeds)
@@ -53,19 +57,23 @@ def bench(name: str, feeds: dict, labels: np.ndarray | None, calib: str, configs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
+    parser.add_argument("--subsets", type=int, default=0, metavar="N",
+                        help="also: the residual CNN with lsq on N random calibration draws (needs scikit-learn)")
     args = parser.parse_args()
     methods = ["none", "bn", "lsq"]
-    configs = [("--channels 0.3", {"channels": 0.3}), ("--channels 0.5", {"channels": 0.5}),
+    configs = [("--channels 0.3", {"channels": 0.3}),
+               ("--channels 0.5 --criterion l1", {"channels": 0.5, "criterion": "l1"}),
                ("--channels 0.5 --criterion act", {"channels": 0.5, "criterion": "act"}),
+               ("--channels 0.5 (auto: recon)", {"channels": 0.5}),
+               ("--channels 0.5 --steps 2", {"channels": 0.5, "steps": 2}),
                ("--channels 0.5 --scope global", {"channels": 0.5, "scope": "global"}),
-               ("--channels 0.5 --criterion recon", {"channels": 0.5, "criterion": "recon"}),
-               ("--channels 0.5 --criterion recon --scope global",
-                {"channels": 0.5, "criterion": "recon", "scope": "global"}),
-               ("--channels 0.5 --criterion recon --steps 2", {"channels": 0.5, "criterion": "recon", "steps": 2}),
-               ("--sparsity 0.5", {"sparsity": 0.5}), ("--sparsity 0.7", {"sparsity": 0.7}),
-               ("--sparsity 0.7 --criterion wanda", {"sparsity": 0.7, "criterion": "wanda"})]
+               ("--channels 0.5 --scope global --steps 4", {"channels": 0.5, "scope": "global", "steps": 4}),
+               ("--sparsity 0.7 --criterion l1", {"sparsity": 0.7, "criterion": "l1"}),
+               ("--sparsity 0.7 --criterion wanda", {"sparsity": 0.7, "criterion": "wanda"}),
+               ("--sparsity 0.7 (auto: obs)", {"sparsity": 0.7}),
+               ("--sparsity 0.8 (auto: obs)", {"sparsity": 0.8})]
     if args.quick:
-        configs = [c for c in configs if c[0] in ("--channels 0.5", "--sparsity 0.7")]
+        configs = [c for c in configs if c[0].startswith(("--channels 0.5 (auto", "--sparsity 0.7 (auto"))]
     val = np.load(MODELS / "digits_val.npz")
     header = ["| model | pruning | recovery | MACs kept | top-1 % | agreement % | rel. error | seconds |",
               "|---|---|---|---|---|---|---|---|"]
@@ -79,8 +87,35 @@ def main() -> None:
         np.savez(calib, input=rng.standard_normal((256, 16, 32)).astype(np.float32))
         test = {"input": rng.standard_normal((256, 16, 32)).astype(np.float32)}
         rows += bench("transformer.onnx", test, None, str(calib),
-                      [c for c in configs if "act" not in c[0] and "recon" not in c[0]][:3], methods)
+                      [c for c in configs if "act" not in c[0] and "steps" not in c[0]], methods)
     print("\n".join(header + rows))
+    if args.subsets:
+        print()
+        print("\n".join(subsets(configs, args.subsets)))
+
+
+def subsets(configs: list, count: int) -> list[str]:
+    """digits_resnet with lsq, calibrated on ``count`` different random draws of 256 training images: how much the
+    accuracy depends on which samples were given."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_digits import split
+
+    x_train, _, x_val, y_val = split()
+    rows = [f"| pruning (digits_resnet.onnx, lsq) | top-1 % per calibration draw (seeds 0-{count - 1}) | mean | min |",
+            "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, options in configs:
+            accs = []
+            for seed in range(count):
+                calib = Path(tmp) / f"calib_{seed}.npz"
+                if not calib.exists():
+                    pick = np.random.default_rng(seed).choice(len(x_train), 256, replace=False)
+                    np.savez(calib, input=x_train[pick])
+                model = from_proto(onnx.load(str(MODELS / "digits_resnet.onnx")))
+                prune_model(model, PruneOptions(calib=str(calib), round_to=1, **options))
+                accs.append(100 * float((run(model.proto, {"input": x_val}).argmax(1) == y_val).mean()))
+            rows.append(f"| {label} | {' '.join(f'{a:.1f}' for a in accs)} | {np.mean(accs):.2f} | {min(accs):.1f} |")
+    return rows
 
 
 if __name__ == "__main__":
