@@ -244,16 +244,18 @@ class _Recovery:
                 found.append(_refit(hessian, normal.cross, chosen != 0, w_mat.shape[0], start=chosen))
             return found
 
-        fitted = candidates(total)
+        fitted = None
         if total.rows >= CROSS_CHECK_ROWS * len(total.gram):
+            fitted = candidates(total)
             judged = [total.error(c) for c in fitted]
         else:
             judged = [folds[1].error(a) + folds[0].error(b) for a, b in zip(candidates(folds[0]),
                                                                          candidates(folds[1]))]
         best = int(np.argmin(judged))
-        new, after = fitted[best], judged[best]
+        after = judged[best]
         accepted = after < before
-        if accepted:
+        if accepted:  # the fit on all rows (computed only now when the folds decided)
+            new = (fitted or candidates(total))[best]
             self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
             if bias is not None:
                 self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
