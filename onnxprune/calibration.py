@@ -8,6 +8,7 @@ the next one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -28,8 +29,10 @@ class Probe:
 
     CACHE = 2
 
-    def __init__(self, proto: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]]) -> None:
+    def __init__(self, proto: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
+                 base_dir: str | Path | None = None) -> None:
         self.proto = proto
+        self.base_dir = base_dir  # where external-data weights live (a model given as bytes has no folder)
         self.tensors = set(tensors)
         self.batches = batches
         self._sessions: dict[tuple[str, ...], ort.InferenceSession] = {}
@@ -40,6 +43,9 @@ class Probe:
             return self._sessions[fetch]
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if self.base_dir is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(self.base_dir).resolve()))
         try:
             session = ort.InferenceSession(cut_to(self.proto, list(fetch)).SerializeToString(), options,
                                            providers=["CPUExecutionProvider"])
@@ -138,12 +144,12 @@ class Moments:
 
 
 def collect_moments(proto: onnx.ModelProto, dims: list, batches: list[dict[str, np.ndarray]],
-                    chunk: int = 16) -> dict:
+                    chunk: int = 16, base_dir: str | Path | None = None) -> dict:
     """Per-channel :class:`Moments` of each (tensor, axis) in ``dims``, a few tensors per pass over the data."""
     tensors = list(dict.fromkeys(d.tensor for d in dims))
     if not tensors or not batches:
         return {}
-    probe = Probe(proto, [t for t in tensors if t not in batches[0]], batches)
+    probe = Probe(proto, [t for t in tensors if t not in batches[0]], batches, base_dir)
     result = {d: Moments() for d in dims}
     by_tensor: dict[str, list] = {}
     for d in dims:

@@ -97,12 +97,13 @@ def prune_channels(model: LoadedModel, options: PruneOptions, batches: list | No
     activation = None
     if criterion == "act" and batches:
         dims = [d for g in groups.prunable() for d in g.dims if not groups.index.is_constant(d.tensor)]
-        activation = {d: m.mean_abs for d, m in collect_moments(model.proto, dims, batches).items()}
+        moments = collect_moments(model.proto, dims, batches, base_dir=model.base_dir)
+        activation = {d: m.mean_abs for d, m in moments.items()}
     given = None
     if criterion == "recon":
         if not batches:
             raise ConfigError("--criterion recon needs calibration data (--calib)")
-        given = recon_scores(groups, groups.prunable(), model.proto, batches)
+        given = recon_scores(groups, groups.prunable(), model.proto, batches, model.base_dir)
     plan = plan_channels(groups, options.channels or 0.0, options.scope, criterion, options.reduction,
                          round_to, options.exclude, options.layer_channels, options.max_group_ratio, activation,
                          given)
@@ -183,16 +184,29 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
             continue
         axis = rank - 1 if node.op_type == "MatMul" else (0 if int(attr(node, "transA", 0)) else 1)
         wanted[w.name] = Dim(node.input[0], axis)
-    moments = collect_moments(index.model.proto, list(set(wanted.values())), batches)
-    return {name: np.sqrt(moments[d].s2) for name, d in wanted.items()}
+    moments = collect_moments(index.model.proto, list(set(wanted.values())), batches,
+                              base_dir=index.model.base_dir)
+    norms = {name: np.sqrt(moments[d].s2) for name, d in wanted.items()}
+    for w in find_weights(index):  # grouped convs: weight [O, C/g, ...] column i of output o reads channel
+        node = next(u.node for u in index.consumers_of(w.name) if is_weighted(u.node))  # (o // (O/g)) * C/g + i
+        groups = int(attr(node, "group", 1)) if node.op_type == "Conv" else 1
+        if groups > 1 and w.name in norms and len(w.shape) >= 2:
+            out, per = w.shape[0], w.shape[1]
+            table = norms[w.name].reshape(groups, per)[np.arange(out) // (out // groups)]
+            norms[w.name] = table.reshape((out, per) + (1,) * (len(w.shape) - 2))
+    return norms
 
 
-def _weight_criterion(options: PruneOptions, batches: list | None, report: PruneReport) -> str:
+def _weight_criterion(options: PruneOptions, batches: list | None, report: PruneReport, external: bool) -> str:
     """The criterion for single weights: channel-only criteria fall back to l1; obs needs data and lsq."""
     criterion = options.criterion
+    lsq = (options.recover or "lsq") == "lsq" and not external  # external-data models skip recovery
     if criterion == "auto":
-        lsq = (options.recover or "lsq") == "lsq"
         return ("obs" if lsq else "wanda") if batches else "l1"
+    if criterion == "obs" and batches and external:
+        report.notes.append("criterion obs chooses weights during recovery, which external-data models skip: "
+                            "weights ranked by wanda")
+        return "wanda"
     if criterion not in ("l1", "l2", "wanda", "obs"):
         report.notes.append(f"criterion {criterion} applies to channels; weights ranked by l1")
         return "l1"
@@ -223,8 +237,9 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
                             "(weights behind Identity/Cast/Reshape and the like)")
     batches = _calibration(model, options)
     if options.criterion == "auto" and batches:
-        chosen = (["recon for channels"] if options.channels else []) + (
-            [f"{_weight_criterion(options, batches, report)} for weights"] if options.sparsity or options.pattern else [])
+        chosen = ["recon for channels"] if options.channels else []
+        if options.sparsity or options.pattern:
+            chosen.append(f"{_weight_criterion(options, batches, report, model.external)} for weights")
         report.notes.append(f"criterion auto with calibration data: {', '.join(chosen)}")
     original = None
     if batches:
@@ -246,7 +261,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
             report.notes.append("no channel group can be pruned (see the reasons above); channels are unchanged")
     reselect: dict[str, Reselect] = {}
     if options.sparsity or options.pattern:
-        criterion = _weight_criterion(options, batches, report)
+        criterion = _weight_criterion(options, batches, report, model.external)
         index = GraphIndex(model, shapes) if options.channels else index
         norms = _feature_norms(index, batches) if criterion in ("wanda", "obs") else None
         report.unstructured = prune_unstructured(index, options.sparsity, options.scope,

@@ -133,10 +133,10 @@ def _out_hw(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, int]) -> tup
 
 
 def recon_scores(groups: GroupSet, chosen: list[ChannelGroup], proto: onnx.ModelProto,
-                 batches: list[dict[str, np.ndarray]]) -> dict[int, np.ndarray]:
+                 batches: list[dict[str, np.ndarray]], base_dir=None) -> dict[int, np.ndarray]:
     """Per group: a score per channel (its reconstruction cost when the greedy order removed it; higher = keep)."""
     tensors = [n for node in proto.graph.node for n in node.output if n]
-    probe = Probe(proto, tensors, batches)
+    probe = Probe(proto, tensors, batches, base_dir)
     scores = {}
     for group in chosen:
         consumers = _consumers(groups, group, probe)

@@ -83,7 +83,8 @@ def render_prune(report: PruneReport) -> str:
         if u.params:
             parts.append(f"weights: {100 * u.zeros_before / u.params:.1f}% -> {100 * u.zeros_after / u.params:.1f}% "
                          f"zero over {human(u.params)} parameters")
-    if report.recovery is not None and report.recovery.method != "none":
+    if report.recovery is not None and report.recovery.method != "none" \
+            and report.recovery.output_error_before is not None:  # else skipped; the notes say why
         r = report.recovery
         better = sum(1 for layer in r.layers if layer.accepted)
         parts.append(f"recovery {r.method}: {len(r.layers)} layers revisited, {better} updated, output error on "

@@ -120,3 +120,37 @@ def test_obs_configuration_errors(tmp_path, args, message):
                                  *[a.format(calib=MODELS / "digits_calib.npz") for a in args]])
     assert exit_code == 2 and message in output and "Traceback" not in output
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_wanda_scores_each_grouped_conv_output_by_its_own_groups_inputs(tmp_path):
+    """Weight [O, C/g, kh, kw]: column i of output o reads input channel (o // (O/g)) * C/g + i."""
+    from onnx import helper
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], group=2, pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 4, 6, 6])],
+                              [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = rng.standard_normal((16, 4, 6, 6)).astype(np.float32) * np.array([10, 0.1, 3, 0.3], np.float32)[:, None, None]
+    np.savez(tmp_path / "calib.npz", x=x)
+    model = from_proto(proto)
+    prune_model(model, PruneOptions(sparsity=0.5, criterion="wanda", recover="none", calib=str(tmp_path / "calib.npz")))
+    got = numpy_helper.to_array(model.proto.graph.initializer[0]) == 0
+    norms = np.sqrt((x.astype(np.float64) ** 2).sum(axis=(0, 2, 3)))
+    channel = (np.arange(4) // 2)[:, None] * 2 + np.arange(2)[None, :]  # [o, i] -> input channel
+    scores = np.abs(w) * norms[channel][:, :, None, None]
+    expected = scores <= np.sort(scores.reshape(-1))[w.size // 2 - 1]
+    assert np.array_equal(got, expected)
+
+
+def test_calibration_on_an_external_data_model_scores_and_reports_skipped_recovery(tmp_path):
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
+    for args, criterion in ((["--channels", "0.3"], "recon for channels"), (["--sparsity", "0.5"], "wanda for weights")):
+        out = tmp_path / "out.onnx"
+        exit_code, output = run_cli([str(MODELS / "resnet_dynamo.onnx"), "-o", str(out), "--calib",
+                                     str(tmp_path / "calib.npz"), *args])
+        assert exit_code == 0, output
+        assert f"criterion auto with calibration data: {criterion}" in output
+        assert "recovery skipped: external-data models" in output and out.exists()

@@ -113,9 +113,12 @@ def _scores(values: np.ndarray, axis: int, scale: np.ndarray | None) -> np.ndarr
         return np.bitwise_and(values.reshape(-1).view(np.uint32), np.uint32(0x7FFFFFFF)).reshape(values.shape)
     magnitude = np.abs(values.astype(np.float32))
     if scale is not None:
-        shape = [1] * values.ndim
-        shape[axis] = -1
-        magnitude = magnitude * np.asarray(scale, dtype=np.float32).reshape(shape)
+        scale = np.asarray(scale, dtype=np.float32)
+        if scale.ndim != values.ndim:  # one norm per index of the reduction axis (else already broadcastable)
+            shape = [1] * values.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+        magnitude = magnitude * scale
     return magnitude.view(np.uint32)
 
 
@@ -203,7 +206,8 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
         sparsity: fraction of weights to zero, per tensor (``scope="layer"``) or across all tensors ("global").
         criterion: "l1" or "l2" (for single weights both rank by |w|, so they select the same weights), or "wanda"
             (|w| times the calibration input's L2 norm of the weight's input feature; needs ``feature_norms``).
-        feature_norms: weight name -> per-index input norm along the weight's reduction axis.
+        feature_norms: weight name -> per-index input norm along the weight's reduction axis, or an array that
+            broadcasts against the weight (grouped convs: each output reads its own group's channels).
         exclude: glob patterns matched against node and tensor names.
         layer_sparsity: (glob, ratio) overrides, first match wins; overridden tensors are pruned on their own.
         min_params: tensors with fewer parameters are left alone.
