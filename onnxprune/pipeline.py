@@ -173,8 +173,12 @@ def _verify(reference: onnx.ModelProto | None, model: LoadedModel, groups: Group
 
 
 def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
-    """Per weight: L2 norm over the calibration data of each input feature the weight multiplies (for Wanda)."""
+    """Per weight: L2 norm over the calibration data of each input feature the weight multiplies (for Wanda).
+
+    A grouped conv's weight [O, C/g, ...] has column i of output o reading input channel (o // (O/g)) * C/g + i,
+    so its norms come back as an [O, C/g, 1, ...] array that broadcasts against the weight."""
     wanted: dict[str, Dim] = {}
+    grouped: dict[str, tuple[int, tuple[int, ...]]] = {}
     for w in find_weights(index):
         node = next(u.node for u in index.consumers_of(w.name) if is_weighted(u.node))
         if node.input[0] == w.name:
@@ -184,16 +188,16 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
             continue
         axis = rank - 1 if node.op_type == "MatMul" else (0 if int(attr(node, "transA", 0)) else 1)
         wanted[w.name] = Dim(node.input[0], axis)
+        groups = int(attr(node, "group", 1)) if node.op_type == "Conv" else 1
+        if groups > 1 and len(w.shape) >= 2:
+            grouped[w.name] = (groups, w.shape)
     moments = collect_moments(index.model.proto, list(set(wanted.values())), batches,
                               base_dir=index.model.base_dir)
     norms = {name: np.sqrt(moments[d].s2) for name, d in wanted.items()}
-    for w in find_weights(index):  # grouped convs: weight [O, C/g, ...] column i of output o reads channel
-        node = next(u.node for u in index.consumers_of(w.name) if is_weighted(u.node))  # (o // (O/g)) * C/g + i
-        groups = int(attr(node, "group", 1)) if node.op_type == "Conv" else 1
-        if groups > 1 and w.name in norms and len(w.shape) >= 2:
-            out, per = w.shape[0], w.shape[1]
-            table = norms[w.name].reshape(groups, per)[np.arange(out) // (out // groups)]
-            norms[w.name] = table.reshape((out, per) + (1,) * (len(w.shape) - 2))
+    for name, (groups, shape) in grouped.items():
+        out, per = shape[0], shape[1]
+        table = norms[name].reshape(groups, per)[np.arange(out) // (out // groups)]
+        norms[name] = table.reshape((out, per) + (1,) * (len(shape) - 2))
     return norms
 
 

@@ -35,9 +35,6 @@ class _Consumer:
         self.h = np.linalg.inv(gram + lam * np.eye(len(gram)))
         self.alive = np.ones(len(gram), dtype=bool)
 
-    def cost(self, channel: int) -> float:
-        return float(self.costs([channel])[0])
-
     def costs(self, channels: list[int]) -> np.ndarray:
         """tr(W_b^T (H_bb)^-1 W_b) of each channel, as one batched solve (channels own equally many rows, or
         none, in every layer the rules handle; others are solved one by one)."""
