@@ -104,6 +104,7 @@ def _consumers(groups: GroupSet, group: ChannelGroup, probe: Probe) -> list[_Con
                 continue
             if matrix.shape[0] > MAX_FEATURES:
                 continue
+            matrix = matrix * _output_scale(index, node, matrix.shape[1])
             idx, owner = group.members[dim]
             rows_of = [np.concatenate([np.arange(i * per, (i + 1) * per) for i in idx[owner == c]])
                        if np.any(owner == c) else np.zeros(0, dtype=np.int64) for c in range(group.size)]
@@ -118,6 +119,21 @@ def _consumers(groups: GroupSet, group: ChannelGroup, probe: Probe) -> list[_Con
             a = rows(by_name[name])
             gram += a.T @ a
     return [_Consumer(matrix.copy(), rows_of, gram) for gram, (_, _, matrix, rows_of) in zip(grams, found)]
+
+
+def _output_scale(index, node: onnx.NodeProto, outputs: int) -> np.ndarray | float:
+    """Per output channel, |gamma| / sqrt(var + eps) of the BatchNormalization that is the layer's only use: costs
+    are then in normalised units, as they are for a model whose BN was folded into the weights, and comparable
+    across the consumers of a group."""
+    uses = index.consumers_of(node.output[0])
+    if node.op_type == "MatMul" or len(uses) != 1 or uses[0].node.op_type != "BatchNormalization" or uses[0].index:
+        return 1.0
+    norm = uses[0].node
+    gamma, var = index.const_value(norm.input[1]), index.const_value(norm.input[4])
+    if gamma is None or var is None or gamma.size != outputs or var.size != outputs:
+        return 1.0
+    eps = float(attr(norm, "epsilon", 1e-5))
+    return np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
 
 
 def _out_hw(node: onnx.NodeProto, x: np.ndarray, kernel: tuple[int, int]) -> tuple[int, int]:

@@ -17,6 +17,7 @@ onnxruntime two tensors at a time.
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import onnx
 from onnxprune.calibration import Moments, Probe
 from onnxprune.channels import Dim
 from onnxprune.errors import ConfigError
-from onnxprune.graph.index import GraphIndex, attr, node_label
+from onnxprune.graph.index import GraphIndex, Use, attr, node_label
 from onnxprune.graph.io import LoadedModel
 from onnxprune.prune.obs import Hessian, obs_sweep
 
@@ -35,6 +36,8 @@ MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch, or more wh
 # CROSS_CHECK_ROWS rows per feature over all batches (for a well-posed Gram matrix without cross-validation)
 CROSS_CHECK_ROWS = 2  # fewer calibration rows than this many per feature: re-fits are cross-validated
 EXACT_FLOPS = 3e9  # per-output exact solves above this cost are replaced by the one-pass OBS update
+RELU_FLOPS = 3e11  # budget of a layer's Relu-aware refinement (fewer than 3 steps affordable: plain lsq only)
+RELU_ITERATIONS = 30
 MAX_FEATURES = 4608  # larger reductions (e.g. 512x3x3) are left alone: their Gram matrix would dominate memory
 
 
@@ -101,6 +104,7 @@ class _Recovery:
         self.original_probe = Probe(original, tensors, batches)
         self._pruned_probe: Probe | None = None
         self._tensors = tensors
+        self.added_biases = 0
 
     def pruned_probe(self) -> Probe:
         if self._pruned_probe is None:
@@ -119,37 +123,86 @@ class _Recovery:
         return num / den if den else 0.0
 
     def targets(self, node: onnx.NodeProto, layer: "_Layer"):
-        """Per batch: (the layer's input in the pruned model, what its output should be), in pruned channels.
+        """Per batch: (the layer's input in the pruned model, what its output should be, the ReLU floor or None), in
+        pruned channels.
 
         Normally the target is the original model's output of the layer. When the layer ends a residual branch
         (layer -> [BatchNormalization] -> Add with the shortcut), it is what would make the *sum* match the original
         given the pruned model's shortcut: the branch then also corrects the error the shortcut carries.
+
+        The floor: when the output only reaches a Relu (through the optional BatchNormalization and Add), every
+        value on the far side of it (``sign * (value - floor) <= 0``, sign per channel) becomes the same zero, so a
+        target there only needs the prediction to stay there too.
         """
         pruned = self.pruned_probe()
         residual = _residual_branch(self.index, node) if layer.op == "Conv" else None
         if residual is None:
             out_idx = self.kept.get(Dim(node.output[0], layer.out_axis))
+            norm, relu = _relu_after(self.index, node.output[0])
+            if norm is not None and layer.out_axis != 1:
+                relu = None
             for (x_p,), (y_o,) in zip(pruned.iterate([node.input[0]]), self.original_probe.iterate([node.output[0]])):
-                yield x_p, (y_o if out_idx is None else np.take(y_o, out_idx, axis=layer.out_axis))
+                y = y_o if out_idx is None else np.take(y_o, out_idx, axis=layer.out_axis)
+                floor = None
+                if relu is not None:
+                    zero = np.zeros([1] * y.ndim)
+                    floor = np.broadcast_to(zero if norm is None else self._unnormalise(norm, zero, 1), y.shape)
+                yield x_p, y, floor
             return
         add, other, norm = residual
+        relu = len(self.index.consumers_of(add.output[0])) == 1 and add.output[0] not in self.index.graph_outputs \
+            and self.index.consumers_of(add.output[0])[0].node.op_type == "Relu"
         sum_idx = self.kept.get(Dim(add.output[0], 1))
         for (x_p, other_p), (sum_o,) in zip(pruned.iterate([node.input[0], other]),
                                             self.original_probe.iterate([add.output[0]])):
             wanted = (sum_o if sum_idx is None else np.take(sum_o, sum_idx, axis=1)) - other_p
-            if norm is not None:  # invert the BatchNormalization: z = (t - beta) * sqrt(var + eps) / gamma + mean
-                gamma, beta, mean, var = (self.index.const_value(norm.input[i]).astype(np.float64) for i in range(1, 5))
-                eps = float(attr(norm, "epsilon", 1e-5))
-                shape = [1, -1] + [1] * (wanted.ndim - 2)
-                gamma = np.where(np.abs(gamma) > 1e-6, gamma, 1e-6)
-                wanted = ((wanted - beta.reshape(shape)) * np.sqrt(var + eps).reshape(shape) / gamma.reshape(shape)
-                          + mean.reshape(shape))
-            yield x_p, wanted
+            floor = -other_p if relu else None
+            if norm is not None:
+                wanted = self._unnormalise(norm, wanted, 1)
+                floor = None if floor is None else self._unnormalise(norm, floor, 1)
+            yield x_p, wanted, floor
+
+    def _unnormalise(self, norm: onnx.NodeProto, values: np.ndarray, axis: int) -> np.ndarray:
+        """Invert a BatchNormalization: z = (t - beta) * sqrt(var + eps) / gamma + mean."""
+        gamma, beta, mean, var = (self.index.const_value(norm.input[i]).astype(np.float64) for i in range(1, 5))
+        eps = float(attr(norm, "epsilon", 1e-5))
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        gamma = np.where(np.abs(gamma) > 1e-6, gamma, 1e-6)
+        return ((values - beta.reshape(shape)) * np.sqrt(var + eps).reshape(shape) / gamma.reshape(shape)
+                + mean.reshape(shape))
+
+    def floor_sign(self, node: onnx.NodeProto) -> np.ndarray | float:
+        """Per output channel, +1 where larger layer outputs mean larger Relu inputs (-1 behind a negative BN scale)."""
+        residual = _residual_branch(self.index, node)
+        norm = residual[2] if residual is not None else _relu_after(self.index, node.output[0])[0]
+        return 1.0 if norm is None else np.where(self.index.const_value(norm.input[1]) < 0, -1.0, 1.0)
 
     def set_const(self, name: str, value: np.ndarray) -> None:
         self.pruned.replace(self.index.const_tensor(name), value)
         self.index.forget_value(name)
         self._pruned_probe = None  # weights changed: the next activations come from a new session
+
+    def add_bias(self, node: onnx.NodeProto, layer: "_Layer", values: np.ndarray) -> None:
+        """Give a bias-free Conv/Gemm the intercept its re-fit found (as its optional third input)."""
+        weight = self.index.const_tensor(layer.weight)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)
+        name, k = f"{layer.weight}_bias", 0
+        while name in self.index.shapes or name in self.index.producer or name in self.index.initializers:
+            k += 1
+            name = f"{layer.weight}_bias{k}"
+        tensor = onnx.numpy_helper.from_array(values.astype(dtype), name)
+        self.pruned.proto.graph.initializer.append(tensor)
+        if len(node.input) > 2:
+            node.input[2] = name
+        else:
+            node.input.append(name)
+        self.index.initializers[name] = self.pruned.proto.graph.initializer[-1]
+        self.index.shapes[name] = [len(values)]
+        self.index.consumers.setdefault(name, []).append(Use(node, 2))
+        layer.bias = name
+        self.added_biases += 1
+        self._pruned_probe = None
 
     def paired(self, tensor: str):
         """(original value, pruned value) of ``tensor`` for each calibration batch."""
@@ -219,13 +272,24 @@ class _Recovery:
         weight = self.index.const_value(layer.weight).astype(np.float64)
         w_mat = layer.to_matrix(weight)  # [K, O]
         bias = self.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
+        if bias is None and layer.can_add_bias:  # a free intercept: the pruned inputs' means shift the output
+            bias = np.zeros(w_mat.shape[1])
         folds = [_Normal(w_mat.shape[0] + (bias is not None), w_mat.shape[1]) for _ in range(2)]
         rng = np.random.default_rng(0)
         limit = max(MAX_ROWS_PER_BATCH, -(-CROSS_CHECK_ROWS * len(folds[0].gram) // len(self.batches)))
-        for x_p, target in self.targets(node, layer):
+        kept_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
+        for x_p, target, floor in self.targets(node, layer):
+            if floor is not None:
+                target = np.concatenate([target, floor], axis=layer.out_axis)
             a, y = layer.rows(node, x_p, target, rng, limit)
             if bias is not None:
                 a = np.hstack([a, np.ones((a.shape[0], 1))])
+            if floor is not None:
+                y, floor = y[:, : w_mat.shape[1]], y[:, w_mat.shape[1]:]
+            if floor is None or kept_rows is None or _relu_steps(len(a) * len(self.batches), a.shape[1], y.shape[1]) < 3:
+                kept_rows = None
+            else:
+                kept_rows.append((a.astype(np.float32), y.astype(np.float32), floor.astype(np.float32)))
             half = rng.random(len(a)) < 0.5
             folds[0].add(a[half], y[half])
             folds[1].add(a[~half], y[~half])
@@ -255,13 +319,96 @@ class _Recovery:
         best = int(np.argmin(judged))
         after = judged[best]
         accepted = after < before
+        new = None
+        if fitted is not None and kept_rows:  # judged on what the Relu passes on, and re-fitted for it
+            a, y, floor = (np.concatenate(part) for part in zip(*kept_rows))
+            sign = np.broadcast_to(self.floor_sign(node), (y.shape[1],))
+            before = _one_sided(a, y, floor, sign, w_full)
+            start = fitted[best]
+            support = start != 0
+            support[w_mat.shape[0]:] = True
+            if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
+                new, after = _relu_refit(a, y, floor, sign, start, support, Hessian(total.gram, self.damp),
+                                         _relu_steps(len(a), *w_full.shape))
+            else:
+                after = _one_sided(a, y, floor, sign, start)
+            accepted = after < before
         if accepted:  # the fit on all rows (computed only now when the folds decided)
-            new = (fitted or candidates(total))[best]
+            new = new if new is not None else (fitted or candidates(total))[best]
             self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
-            if bias is not None:
+            if layer.bias:
                 self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
+            elif bias is not None:
+                self.add_bias(node, layer, new[-1])
         return LayerFix(node_label(node), "obs" if best == 1 else "lsq", before, after if accepted else before,
                         accepted)
+
+
+def _relu_steps(rows: int, features: int, outputs: int) -> int:
+    """How many Relu-aware steps (two [rows x features] x [features x outputs] products each) fit RELU_FLOPS."""
+    return int(min(RELU_ITERATIONS, RELU_FLOPS // max(2.0 * rows * features * outputs, 1.0)))
+
+
+def _one_sided(a: np.ndarray, y: np.ndarray, floor: np.ndarray, sign: np.ndarray, w: np.ndarray) -> float:
+    """Squared error where the target is live; where it is below the Relu floor only the overshoot counts."""
+    p = a @ w.astype(a.dtype)
+    live = sign * (y - floor) > 0
+    err = np.where(live, p - y, np.maximum(sign * (p - floor), 0.0))
+    return float(np.sum(err.astype(np.float64) ** 2))
+
+
+def _relu_refit(a: np.ndarray, y: np.ndarray, floor: np.ndarray, sign: np.ndarray, w: np.ndarray,
+                support: np.ndarray, hessian: Hessian, iterations: int = RELU_ITERATIONS) -> tuple[np.ndarray, float]:
+    """Minimise the one-sided error plus the ridge term by majorise-minimise steps w <- w - H^-1 grad, with H the
+    damped Gram matrix of all rows: the one-sided error's curvature never exceeds it, so every step lowers the
+    objective, and each costs two matrix products instead of a solve per output. Zeros stay zero (the step is
+    solved on each output's support). Returns the best weights seen and their one-sided error."""
+    live = sign * (y - floor) > 0
+    goal = np.where(live, y, floor)
+    solve = _support_solver(hessian, support)
+    best, best_err = w, _one_sided(a, y, floor, sign, w)
+    previous = None
+    for _ in range(iterations):
+        p = a @ w.astype(a.dtype)
+        residual = np.where(live | (sign * (p - floor) > 0), p - goal, 0).astype(a.dtype)
+        grad = (a.T @ residual).astype(np.float64) + hessian.lam * w
+        step = solve(grad)
+        w = np.where(support, w - step, 0.0)
+        err = _one_sided(a, y, floor, sign, w)
+        if err < best_err:
+            best, best_err = w, err
+        if previous is not None and previous - err <= 1e-4 * previous:
+            break
+        previous = err
+    return best, best_err
+
+
+def _support_solver(hessian: Hessian, support: np.ndarray):
+    """x -> H^-1 x solved on each output's support, with the inverses computed once (one per distinct support)."""
+    if support.all():
+        inverse = hessian.inverse
+        return lambda g: inverse @ g
+    damped = hessian.damped()
+    parts = []
+    for cols in _patterns(support).values():
+        s = support[:, cols[0]]
+        parts.append((s, cols, np.linalg.inv(damped[np.ix_(s, s)]) if s.any() else None))
+
+    def solve(g: np.ndarray) -> np.ndarray:
+        out = np.zeros_like(g)
+        for s, cols, inverse in parts:
+            if inverse is not None:
+                out[np.ix_(s, cols)] = inverse @ g[np.ix_(s, cols)]
+        return out
+    return solve
+
+
+def _patterns(support: np.ndarray) -> dict[bytes, list[int]]:
+    """Outputs grouped by their support column."""
+    patterns: dict[bytes, list[int]] = {}
+    for o in range(support.shape[1]):
+        patterns.setdefault(support[:, o].tobytes(), []).append(o)
+    return patterns
 
 
 class _Normal:
@@ -310,7 +457,73 @@ def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.Node
     other = user.input[1 - uses[0].index]
     if index.is_constant(other) or index.shape(other) != index.shape(user.output[0]):
         return None
+    rival = _branch_conv(index, other)
+    if rival is not None and _features(index, rival) >= _features(index, node):
+        return None  # both inputs are branches (a projection shortcut): the wider one absorbs the other's error
     return user, other, norm
+
+
+def _relu_after(index: GraphIndex, tensor: str) -> tuple[onnx.NodeProto | None, onnx.NodeProto | None]:
+    """(BatchNormalization or None, Relu or None): the Relu that is ``tensor``'s only use, directly or after one
+    per-channel BatchNormalization."""
+    norm = None
+    for _ in range(2):
+        uses = index.consumers_of(tensor)
+        if len(uses) != 1 or tensor in index.graph_outputs or uses[0].index != 0:
+            return None, None
+        user = uses[0].node
+        if user.op_type == "Relu":
+            return norm, user
+        if user.op_type != "BatchNormalization" or norm is not None:
+            return None, None
+        norm, tensor = user, user.output[0]
+    return None, None
+
+
+def _branch_conv(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+    """The Conv whose output alone becomes ``tensor`` (directly or through one BatchNormalization), if any."""
+    use = index.producer.get(tensor)
+    if use is not None and use.node.op_type == "BatchNormalization":
+        if len(index.consumers_of(use.node.input[0])) != 1:
+            return None
+        use = index.producer.get(use.node.input[0])
+    return use.node if use is not None and use.node.op_type == "Conv" else None
+
+
+def _features(index: GraphIndex, conv: onnx.NodeProto) -> int:
+    shape = index.shape(conv.input[1]) if len(conv.input) > 1 else None
+    return int(np.prod(shape[1:])) if shape else 0
+
+
+def _fit_order(index: GraphIndex, method: str) -> list[onnx.NodeProto]:
+    """The graph's nodes in an order where every node comes after its inputs' producers and, for lsq, a layer ending
+    a residual branch also comes after the producers of the shortcut it is fitted against: fitting the branch to
+    ``original sum - shortcut`` is only right once the shortcut (say a 1x1 projection conv) has its final weights."""
+    nodes = list(index.graph.node)
+    position = {id(n): k for k, n in enumerate(nodes)}
+    needs: dict[int, set[int]] = {k: {position[id(index.producer[name].node)] for name in n.input
+                                      if name in index.producer} for k, n in enumerate(nodes)}
+    if method == "lsq":
+        for k, n in enumerate(nodes):
+            residual = _residual_branch(index, n) if n.op_type == "Conv" else None
+            if residual is not None and residual[1] in index.producer:
+                needs[k].add(position[id(index.producer[residual[1]].node)])
+    users: dict[int, list[int]] = {k: [] for k in range(len(nodes))}
+    for k, deps in needs.items():
+        for d in deps:
+            users[d].append(k)
+    waiting = {k: len(deps) for k, deps in needs.items()}
+    ready = [k for k, w in waiting.items() if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for u in users[k]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    return order if len(order) == len(nodes) else nodes
 
 
 def _take_axis(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: int) -> np.ndarray:
@@ -336,10 +549,7 @@ def _refit(hessian: Hessian, cross: np.ndarray, support: np.ndarray, prunable: i
 def _ridge(hessian: Hessian, cross: np.ndarray, support: np.ndarray) -> np.ndarray:
     """Solve each output column on its own support: w_S = (G_SS + lam I)^-1 C_S."""
     out = np.zeros_like(cross)
-    patterns: dict[bytes, list[int]] = {}
-    for o in range(cross.shape[1]):
-        patterns.setdefault(support[:, o].tobytes(), []).append(o)
-    for cols in patterns.values():
+    for cols in _patterns(support).values():
         s = support[:, cols[0]]
         if not s.any():
             continue
@@ -358,6 +568,7 @@ class _Layer:
     out_axis: int
     trans: bool = False
     kernel: tuple[int, int] = (1, 1)
+    can_add_bias: bool = False  # no bias input yet, but the op takes one
 
     def to_matrix(self, w: np.ndarray) -> np.ndarray:
         if self.op == "Conv":
@@ -423,7 +634,7 @@ def _layer_of(index: GraphIndex, node: onnx.NodeProto) -> _Layer | str:
         if int(np.prod(w[1:])) > MAX_FEATURES:
             return f"reduction of {int(np.prod(w[1:]))} features is too large"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return _Layer("Conv", node.input[1], bias, 1, kernel=(int(w[2]), int(w[3])))
+        return _Layer("Conv", node.input[1], bias, 1, kernel=(int(w[2]), int(w[3])), can_add_bias=bias is None)
     if node.op_type == "Gemm":
         if int(attr(node, "transA", 0)) or float(attr(node, "alpha", 1.0)) != 1 or float(attr(node, "beta", 1.0)) != 1:
             return "Gemm with transA/alpha/beta"
@@ -433,7 +644,8 @@ def _layer_of(index: GraphIndex, node: onnx.NodeProto) -> _Layer | str:
         n_out = index.size(node.output[0], 1)
         if bias is not None and (not index.is_constant(bias) or int(np.prod(index.shape(bias))) != n_out):
             return "Gemm bias is computed or broadcast"
-        return _Layer("Gemm", node.input[1], bias, 1, trans=bool(int(attr(node, "transB", 0))))
+        return _Layer("Gemm", node.input[1], bias, 1, trans=bool(int(attr(node, "transB", 0))),
+                      can_add_bias=bias is None)
     if node.op_type == "MatMul" and index.is_constant(node.input[1]) and index.rank(node.input[1]) == 2:
         return _Layer("MatMul", node.input[1], None, index.rank(node.output[0]) - 1)
     return "not a weighted layer"
@@ -465,7 +677,7 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
     graph = pruned.proto.graph
     bn_after = {job.index.producer[n.input[0]].node.output[0] for n in graph.node
                 if n.op_type == "BatchNormalization" and n.input[0] in job.index.producer}
-    for node in list(graph.node):
+    for node in _fit_order(job.index, method):
         input_changed = node.input and node.input[0] in job.affected
         if not input_changed and not any(n in changed for n in node.input[1:]):
             continue
