@@ -17,12 +17,12 @@ from onnxprune.dependency import GroupSet, build_groups
 from onnxprune.errors import ConfigError, OutputError
 from onnxprune.graph.fold import fold_constant_subgraphs
 from onnxprune.graph.index import GraphIndex, attr, is_weighted
-from onnxprune.graph.io import LoadedModel, default_output_path, load_model, save_model
+from onnxprune.graph.io import INLINE_LIMIT_BYTES, LoadedModel, default_output_path, load_model, save_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
 from onnxprune.prune.verify import masked_model, max_difference, random_feeds
 from onnxprune.prune.unstructured import UnstructuredResult, find_weights, prune_unstructured, to_sparse_storage
 from onnxprune.reconstruction import recon_scores
-from onnxprune.recover import RecoveryResult, Reselect, recover
+from onnxprune.recover import RecoveryResult, Reselect, output_error, recover
 from onnxprune.stats import ModelStats, model_stats, static_input_shapes
 
 
@@ -130,6 +130,10 @@ def _prune_in_steps(model: LoadedModel, options: PruneOptions) -> PruneReport:
     def per_step(ratio: float) -> float:
         return 1.0 - (1.0 - ratio) ** (1.0 / options.steps)
 
+    original = None
+    if options.calib and model.runnable():
+        original = onnx.ModelProto()
+        original.CopyFrom(model.proto)
     reports = []
     for step in range(options.steps):
         last = step == options.steps - 1
@@ -145,6 +149,14 @@ def _prune_in_steps(model: LoadedModel, options: PruneOptions) -> PruneReport:
         g.before = initial.get(g.name, g.before)
     final.structure_changed = any(r.structure_changed for r in reports)
     final.notes = [f"step {k + 1}/{options.steps}: {n}" for k, r in enumerate(reports) for n in r.notes]
+    rounds = [r.recovery for r in reports if r.recovery is not None]
+    if rounds and original is not None and model.runnable():
+        merged = replace(rounds[-1], layers=[x for r in rounds for x in r.layers], notes=[],
+                         seconds=sum(r.seconds for r in rounds), kept=all(r.kept for r in rounds),
+                         steps=[(r.output_error_before, r.output_error_after) for r in rounds])
+        merged.output_error_before = rounds[0].output_error_before
+        merged.output_error_after = output_error(original, model, _calibration(model, options))
+        final.recovery = merged
     return final
 
 
@@ -201,15 +213,15 @@ def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
     return norms
 
 
-def _weight_criterion(options: PruneOptions, batches: list | None, report: PruneReport, external: bool) -> str:
+def _weight_criterion(options: PruneOptions, batches: list | None, report: PruneReport, too_big: bool) -> str:
     """The criterion for single weights: channel-only criteria fall back to l1; obs needs data and lsq."""
     criterion = options.criterion
-    lsq = (options.recover or "lsq") == "lsq" and not external  # external-data models skip recovery
+    lsq = (options.recover or "lsq") == "lsq" and not too_big  # models too big to hold skip recovery
     if criterion == "auto":
         return ("obs" if lsq else "wanda") if batches else "l1"
-    if criterion == "obs" and batches and external:
-        report.notes.append("criterion obs chooses weights during recovery, which external-data models skip: "
-                            "weights ranked by wanda")
+    if criterion == "obs" and batches and too_big:
+        report.notes.append("criterion obs chooses weights during recovery, which models over "
+                            f"{INLINE_LIMIT_BYTES / 1e9:.1f} GB skip: weights ranked by wanda")
         return "wanda"
     if criterion not in ("l1", "l2", "wanda", "obs"):
         report.notes.append(f"criterion {criterion} applies to channels; weights ranked by l1")
@@ -225,6 +237,9 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
     if options.steps > 1 and options.channels:
         return _prune_in_steps(model, options)
+    if options.calib and options.recover != "none" and model.external and model.file_size <= INLINE_LIMIT_BYTES:
+        model.hold_changes = True  # recovery runs the changed model in onnxruntime
+    too_big = model.external and not model.hold_changes  # its changes are streamed out: no recovery
     shapes = static_input_shapes(model, options.input_shapes)
     index = GraphIndex(model, shapes)
     prunes_weights = bool(options.sparsity or options.pattern) and not options.channels
@@ -243,7 +258,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     if options.criterion == "auto" and batches:
         chosen = ["recon for channels"] if options.channels else []
         if options.sparsity or options.pattern:
-            chosen.append(f"{_weight_criterion(options, batches, report, model.external)} for weights")
+            chosen.append(f"{_weight_criterion(options, batches, report, too_big)} for weights")
         report.notes.append(f"criterion auto with calibration data: {', '.join(chosen)}")
     original = None
     if batches:
@@ -265,7 +280,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
             report.notes.append("no channel group can be pruned (see the reasons above); channels are unchanged")
     reselect: dict[str, Reselect] = {}
     if options.sparsity or options.pattern:
-        criterion = _weight_criterion(options, batches, report, model.external)
+        criterion = _weight_criterion(options, batches, report, too_big)
         index = GraphIndex(model, shapes) if options.channels else index
         norms = _feature_norms(index, batches) if criterion in ("wanda", "obs") else None
         report.unstructured = prune_unstructured(index, options.sparsity, options.scope,

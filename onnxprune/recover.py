@@ -28,7 +28,7 @@ from onnxprune.calibration import Moments, Probe
 from onnxprune.channels import Dim
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex, Use, attr, node_label
-from onnxprune.graph.io import LoadedModel
+from onnxprune.graph.io import INLINE_LIMIT_BYTES, LoadedModel
 from onnxprune.prune.obs import Hessian, obs_sweep
 
 METHODS = ("none", "bn", "lsq")
@@ -71,6 +71,26 @@ class RecoveryResult:
     output_error_before: float | None = None
     output_error_after: float | None = None
     kept: bool = True
+    steps: list[tuple[float | None, float | None]] = field(default_factory=list)  # --steps: (before, after) of
+    # each round, each against the model the round started from; output_error_* then span all rounds
+
+
+def output_error(original: onnx.ModelProto, pruned: LoadedModel, batches: list[dict[str, np.ndarray]]) -> float:
+    """Relative squared error of every graph output of ``pruned`` against ``original`` on ``batches``."""
+    names = [o.name for o in pruned.proto.graph.output]
+    return _output_error(Probe(original, names, batches, pruned.base_dir),
+                         Probe(pruned.proto, names, batches, pruned.base_dir), pruned.proto)
+
+
+def _output_error(original: Probe, pruned: Probe, proto: onnx.ModelProto) -> float:
+    names = [o.name for o in proto.graph.output]
+    num = den = 0.0
+    for ref, got in zip(original.iterate(names), pruned.iterate(names)):
+        for r, g in zip(ref, got):
+            if r.shape == g.shape and np.issubdtype(r.dtype, np.floating):
+                num += float(np.sum((r.astype(np.float64) - g) ** 2))
+                den += float(np.sum(r.astype(np.float64) ** 2))
+    return num / den if den else 0.0
 
 
 def _downstream(graph: onnx.GraphProto, changed: set[str]) -> set[str]:
@@ -101,26 +121,18 @@ class _Recovery:
         self.index = GraphIndex(pruned)
         self.affected = _downstream(pruned.proto.graph, changed)
         tensors = [n for node in pruned.proto.graph.node for n in node.output if n]
-        self.original_probe = Probe(original, tensors, batches)
+        self.original_probe = Probe(original, tensors, batches, pruned.base_dir)
         self._pruned_probe: Probe | None = None
         self._tensors = tensors
         self.added_biases = 0
 
     def pruned_probe(self) -> Probe:
         if self._pruned_probe is None:
-            self._pruned_probe = Probe(self.pruned.proto, self._tensors, self.batches)
+            self._pruned_probe = Probe(self.pruned.proto, self._tensors, self.batches, self.pruned.base_dir)
         return self._pruned_probe
 
     def output_error(self) -> float:
-        """Relative squared error of every graph output against the original on the calibration data."""
-        names = [o.name for o in self.pruned.proto.graph.output]
-        num = den = 0.0
-        for ref, got in zip(self.original_probe.iterate(names), self.pruned_probe().iterate(names)):
-            for r, g in zip(ref, got):
-                if r.shape == g.shape and np.issubdtype(r.dtype, np.floating):
-                    num += float(np.sum((r.astype(np.float64) - g) ** 2))
-                    den += float(np.sum(r.astype(np.float64) ** 2))
-        return num / den if den else 0.0
+        return _output_error(self.original_probe, self.pruned_probe(), self.pruned.proto)
 
     def targets(self, node: onnx.NodeProto, layer: "_Layer"):
         """Per batch: (the layer's input in the pruned model, what its output should be, the ReLU floor or None), in
@@ -266,75 +278,49 @@ class _Recovery:
     # -- lsq --------------------------------------------------------------------------------------------------------
 
     def fix_lsq(self, node: onnx.NodeProto, layer: "_Layer") -> LayerFix:
-        """Re-fit one layer. With fewer calibration rows than CROSS_CHECK_ROWS x features, a re-fit can memorise the
-        calibration data, so candidates are then judged by two-fold cross-validation (fit on one half of the rows,
-        error on the other) and kept only if that error beats the current weights."""
+        """Re-fit one layer and keep the result only if it lowers the layer's error.
+
+        With at least CROSS_CHECK_ROWS calibration rows per feature the fit uses all rows and, where the output only
+        reaches a Relu, is refined for what the Relu passes on. With fewer, a fit can memorise the calibration data:
+        each half of the rows is fitted on its own, judged on the other half (two-fold cross-validation), and the
+        *average* of the two half-fits is used. Its expected error on new data is at most the mean of theirs
+        (squared error is convex), which is what the cross-validation measured; a fit on all rows has no such bound
+        when there are fewer rows than features (the min-norm fit's error grows towards rows = features).
+        """
         weight = self.index.const_value(layer.weight).astype(np.float64)
         w_mat = layer.to_matrix(weight)  # [K, O]
         bias = self.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
         if bias is None and layer.can_add_bias:  # a free intercept: the pruned inputs' means shift the output
             bias = np.zeros(w_mat.shape[1])
-        folds = [_Normal(w_mat.shape[0] + (bias is not None), w_mat.shape[1]) for _ in range(2)]
-        rng = np.random.default_rng(0)
-        limit = max(MAX_ROWS_PER_BATCH, -(-CROSS_CHECK_ROWS * len(folds[0].gram) // len(self.batches)))
-        kept_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
-        for x_p, target, floor in self.targets(node, layer):
-            if floor is not None:
-                target = np.concatenate([target, floor], axis=layer.out_axis)
-            a, y = layer.rows(node, x_p, target, rng, limit)
-            if bias is not None:
-                a = np.hstack([a, np.ones((a.shape[0], 1))])
-            if floor is not None:
-                y, floor = y[:, : w_mat.shape[1]], y[:, w_mat.shape[1]:]
-            if floor is None or kept_rows is None or _relu_steps(len(a) * len(self.batches), a.shape[1], y.shape[1]) < 3:
-                kept_rows = None
-            else:
-                kept_rows.append((a.astype(np.float32), y.astype(np.float32), floor.astype(np.float32)))
-            half = rng.random(len(a)) < 0.5
-            folds[0].add(a[half], y[half])
-            folds[1].add(a[~half], y[~half])
-        total = folds[0] + folds[1]
         w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
+        folds, relu_rows = self._normal_equations(node, layer, w_full.shape)
+        total = folds[0] + folds[1]
         before = total.error(w_full)
-        choice = self.reselect.get(layer.weight)
-
-        def candidates(normal: _Normal) -> list[np.ndarray]:
-            """[re-fit on the current zeros, (with --criterion obs) re-fit on zeros chosen by OBS]"""
-            hessian = Hessian(normal.gram, self.damp)
-            found = [_refit(hessian, normal.cross, w_full != 0, w_mat.shape[0])]
-            if choice is not None:  # choose the zeros here, on the pruned model's own activations
-                order = layer.pattern_order(weight.shape, choice.pattern)
-                chosen = obs_sweep(hessian.solve(normal.cross), hessian, w_mat.shape[0], zeros=choice.zeros,
-                                   pattern=choice.pattern, order=order)
-                found.append(_refit(hessian, normal.cross, chosen != 0, w_mat.shape[0], start=chosen))
-            return found
-
-        fitted = None
-        if total.rows >= CROSS_CHECK_ROWS * len(total.gram):
-            fitted = candidates(total)
-            judged = [total.error(c) for c in fitted]
+        masks = self._supports(total, layer, weight.shape, w_full, w_mat.shape[0])
+        if total.rows < CROSS_CHECK_ROWS * len(total.gram):
+            halves = [[_refit(Hessian(f.gram, self.damp), f.cross, m, w_mat.shape[0]) for f in folds]
+                      for m, _ in masks]
+            judged = [folds[1].error(a) + folds[0].error(b) for a, b in halves]
+            best = int(np.argmin(judged))
+            new, after = (halves[best][0] + halves[best][1]) / 2, judged[best]
         else:
-            judged = [folds[1].error(a) + folds[0].error(b) for a, b in zip(candidates(folds[0]),
-                                                                         candidates(folds[1]))]
-        best = int(np.argmin(judged))
-        after = judged[best]
+            hessian = Hessian(total.gram, self.damp)
+            fitted = [_refit(hessian, total.cross, m, w_mat.shape[0], start=start) for m, start in masks]
+            judged = [total.error(c) for c in fitted]
+            best = int(np.argmin(judged))
+            new, after = fitted[best], judged[best]
+            if relu_rows:  # judged on what the Relu passes on, and re-fitted for it
+                a, y, floor = (np.concatenate(part) for part in zip(*relu_rows))
+                sign = np.broadcast_to(self.floor_sign(node), (y.shape[1],))
+                before = _one_sided(a, y, floor, sign, w_full)
+                support = masks[best][0]
+                if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
+                    new, after = _relu_refit(a, y, floor, sign, new, support, hessian,
+                                             _relu_steps(len(a), *w_full.shape))
+                else:
+                    after = _one_sided(a, y, floor, sign, new)
         accepted = after < before
-        new = None
-        if fitted is not None and kept_rows:  # judged on what the Relu passes on, and re-fitted for it
-            a, y, floor = (np.concatenate(part) for part in zip(*kept_rows))
-            sign = np.broadcast_to(self.floor_sign(node), (y.shape[1],))
-            before = _one_sided(a, y, floor, sign, w_full)
-            start = fitted[best]
-            support = start != 0
-            support[w_mat.shape[0]:] = True
-            if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
-                new, after = _relu_refit(a, y, floor, sign, start, support, Hessian(total.gram, self.damp),
-                                         _relu_steps(len(a), *w_full.shape))
-            else:
-                after = _one_sided(a, y, floor, sign, start)
-            accepted = after < before
-        if accepted:  # the fit on all rows (computed only now when the folds decided)
-            new = new if new is not None else (fitted or candidates(total))[best]
+        if accepted:
             self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
             if layer.bias:
                 self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
@@ -342,6 +328,49 @@ class _Recovery:
                 self.add_bias(node, layer, new[-1])
         return LayerFix(node_label(node), "obs" if best == 1 else "lsq", before, after if accepted else before,
                         accepted)
+
+    def _normal_equations(self, node: onnx.NodeProto, layer: "_Layer", shape: tuple[int, int]):
+        """Two folds of normal equations (rows split at random) and, when the output only reaches a Relu and the
+        refinement is affordable, the rows themselves (float32) with the Relu floor of every target."""
+        features, outputs = shape
+        folds = [_Normal(features, outputs) for _ in range(2)]
+        rng = np.random.default_rng(0)
+        limit = max(MAX_ROWS_PER_BATCH, -(-CROSS_CHECK_ROWS * features // len(self.batches)))
+        relu_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
+        for x_p, target, floor in self.targets(node, layer):
+            if floor is not None:  # sampled at the same rows as the targets
+                target = np.concatenate([target, floor], axis=layer.out_axis)
+            a, y = layer.rows(node, x_p, target, rng, limit)
+            if features > a.shape[1]:
+                a = np.hstack([a, np.ones((a.shape[0], 1))])
+            if floor is not None:
+                y, floor = y[:, :outputs], y[:, outputs:]
+            if floor is None or relu_rows is None or _relu_steps(len(a) * len(self.batches), features, outputs) < 3:
+                relu_rows = None
+            else:
+                relu_rows.append((a.astype(np.float32), y.astype(np.float32), floor.astype(np.float32)))
+            half = rng.random(len(a)) < 0.5
+            folds[0].add(a[half], y[half])
+            folds[1].add(a[~half], y[~half])
+        return folds, relu_rows
+
+    def _supports(self, total: "_Normal", layer: "_Layer", shape: tuple[int, ...], w_full: np.ndarray,
+                  prunable: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Candidate supports (non-zero patterns) to re-fit on, each with the OBS-swept weights that chose it (or
+        None): the current zeros, and with --criterion obs zeros chosen here on the pruned model's activations.
+        Rows past the weight matrix (the bias) are always free."""
+        current = w_full != 0
+        current[prunable:] = True
+        found = [(current, None)]
+        choice = self.reselect.get(layer.weight)
+        if choice is not None:
+            hessian = Hessian(total.gram, self.damp)
+            chosen = obs_sweep(hessian.solve(total.cross), hessian, prunable, zeros=choice.zeros,
+                               pattern=choice.pattern, order=layer.pattern_order(shape, choice.pattern))
+            mask = chosen != 0
+            mask[prunable:] = True
+            found.append((mask, chosen))
+        return found
 
 
 def _relu_steps(rows: int, features: int, outputs: int) -> int:
@@ -359,28 +388,24 @@ def _one_sided(a: np.ndarray, y: np.ndarray, floor: np.ndarray, sign: np.ndarray
 
 def _relu_refit(a: np.ndarray, y: np.ndarray, floor: np.ndarray, sign: np.ndarray, w: np.ndarray,
                 support: np.ndarray, hessian: Hessian, iterations: int = RELU_ITERATIONS) -> tuple[np.ndarray, float]:
-    """Minimise the one-sided error plus the ridge term by majorise-minimise steps w <- w - H^-1 grad, with H the
-    damped Gram matrix of all rows: the one-sided error's curvature never exceeds it, so every step lowers the
-    objective, and each costs two matrix products instead of a solve per output. Zeros stay zero (the step is
-    solved on each output's support). Returns the best weights seen and their one-sided error."""
+    """Minimise the one-sided error plus the ridge term (as the plain fit has) by majorise-minimise steps
+    w <- w - H^-1 grad, with H the damped Gram matrix of all rows: the one-sided error's curvature never exceeds
+    it, so every step lowers the objective, and each costs two matrix products instead of a solve per output. Zeros
+    stay zero (the step is solved on each output's support). Returns the weights and their one-sided error."""
     live = sign * (y - floor) > 0
     goal = np.where(live, y, floor)
     solve = _support_solver(hessian, support)
-    best, best_err = w, _one_sided(a, y, floor, sign, w)
     previous = None
     for _ in range(iterations):
         p = a @ w.astype(a.dtype)
         residual = np.where(live | (sign * (p - floor) > 0), p - goal, 0).astype(a.dtype)
-        grad = (a.T @ residual).astype(np.float64) + hessian.lam * w
-        step = solve(grad)
-        w = np.where(support, w - step, 0.0)
-        err = _one_sided(a, y, floor, sign, w)
-        if err < best_err:
-            best, best_err = w, err
-        if previous is not None and previous - err <= 1e-4 * previous:
+        objective = float(np.sum(residual.astype(np.float64) ** 2)) + hessian.lam * float(np.sum(w * w))
+        if previous is not None and previous - objective <= 1e-6 * previous:
             break
-        previous = err
-    return best, best_err
+        previous = objective
+        grad = (a.T @ residual).astype(np.float64) + hessian.lam * w
+        w = np.where(support, w - solve(grad), 0.0)
+    return w, _one_sided(a, y, floor, sign, w)
 
 
 def _support_solver(hessian: Hessian, support: np.ndarray):
@@ -666,8 +691,9 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
     result = RecoveryResult(method)
     if method == "none" or not batches:
         return result
-    if pruned.external:
-        result.notes.append("recovery skipped: external-data models are not loaded into memory")
+    if not pruned.runnable():
+        result.notes.append(f"recovery skipped: the model is over {INLINE_LIMIT_BYTES / 1e9:.1f} GB, so its "
+                            "changed weights were streamed to the output instead of being held for onnxruntime")
         return result
     start = time.perf_counter()
     job = _Recovery(original, pruned, kept, batches, changed, damp, reselect or {})

@@ -45,6 +45,7 @@ def prune_dict(report: PruneReport) -> dict:
             "method": report.recovery.method, "seconds": report.recovery.seconds, "kept": report.recovery.kept,
             "output_error_before": report.recovery.output_error_before,
             "output_error_after": report.recovery.output_error_after,
+            "steps": [{"output_error_before": b, "output_error_after": a} for b, a in report.recovery.steps],
             "layers": [vars(layer) for layer in report.recovery.layers]},
     }
     if report.unstructured is not None:
@@ -87,9 +88,13 @@ def render_prune(report: PruneReport) -> str:
             and report.recovery.output_error_before is not None:  # else skipped; the notes say why
         r = report.recovery
         better = sum(1 for layer in r.layers if layer.accepted)
+        if r.steps:  # rounds: the first one's starting error, then the error of the final model
+            error = (f"{r.output_error_before:.4g} after the first round's pruning -> {r.output_error_after:.4g} "
+                     f"after all {len(r.steps)} rounds")
+        else:
+            error = f"{r.output_error_before:.4g} -> {r.output_error_after:.4g}{'' if r.kept else ' (undone)'}"
         parts.append(f"recovery {r.method}: {len(r.layers)} layers revisited, {better} updated, output error on "
-                     f"calibration data {r.output_error_before:.4g} -> {r.output_error_after:.4g}"
-                     f"{'' if r.kept else ' (undone)'}, {r.seconds:.2f}s")
+                     f"calibration data {error}, {r.seconds:.2f}s")
     b, a = report.before, report.after
     parts.append(f"params {human(b.params)} -> {human(a.params)} ({_ratio(a.params, b.params)}x), "
                  f"MACs {human(b.macs)} -> {human(a.macs)} ({_ratio(a.macs, b.macs)}x), "

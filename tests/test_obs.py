@@ -3,6 +3,8 @@ patterns, and the pipeline on a trained model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -145,7 +147,34 @@ def test_wanda_scores_each_grouped_conv_output_by_its_own_groups_inputs(tmp_path
     assert np.array_equal(got, expected)
 
 
-def test_calibration_on_an_external_data_model_scores_and_reports_skipped_recovery(tmp_path):
+def _held_out_error(original: Path, pruned: Path, feeds: dict) -> float:
+    def run(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    ref, out = run(original), run(pruned)
+    return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
+
+
+def test_external_data_models_are_recovered_in_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input=rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    held_out = {"input": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    for args, criterion in ((["--channels", "0.3"], "recon for channels"), (["--sparsity", "0.5"], "obs for weights")):
+        errors = {}
+        for recover in ("none", "lsq"):
+            out = tmp_path / recover / "out.onnx"
+            out.parent.mkdir(exist_ok=True)
+            exit_code, output = run_cli([str(MODELS / "resnet_dynamo.onnx"), "-o", str(out), "--calib",
+                                         str(tmp_path / "calib.npz"), "--recover", recover, *args])
+            assert exit_code == 0, output
+            assert (out.parent / "out.onnx.data").exists()  # the output keeps its weights in a data file
+            errors[recover] = _held_out_error(MODELS / "resnet_dynamo.onnx", out, held_out)
+        assert f"criterion auto with calibration data: {criterion}" in output
+        assert "recovery lsq:" in output and "recovery skipped" not in output
+        assert errors["lsq"] < 0.5 * errors["none"], errors
+
+
+def test_models_too_big_to_hold_skip_recovery_and_say_so(tmp_path, monkeypatch):
+    monkeypatch.setattr("onnxprune.pipeline.INLINE_LIMIT_BYTES", 1000)  # as if the model were over 1.8 GB
     np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
     for args, criterion in ((["--channels", "0.3"], "recon for channels"), (["--sparsity", "0.5"], "wanda for weights")):
         out = tmp_path / "out.onnx"
@@ -153,4 +182,4 @@ def test_calibration_on_an_external_data_model_scores_and_reports_skipped_recove
                                      str(tmp_path / "calib.npz"), *args])
         assert exit_code == 0, output
         assert f"criterion auto with calibration data: {criterion}" in output
-        assert "recovery skipped: external-data models" in output and out.exists()
+        assert "recovery skipped: the model is over" in output and out.exists()

@@ -75,6 +75,7 @@ class LoadedModel:
     path: Path | None = None
     base_dir: Path | None = None
     file_size: int = 0
+    hold_changes: bool = False  # keep rewritten tensors in memory instead of streaming them (see replace)
     _writer: "_DataWriter | None" = field(default=None, repr=False)
     _external: bool | None = field(default=None, repr=False)
 
@@ -112,11 +113,13 @@ class LoadedModel:
         """Give ``tensor`` new values (any shape), keeping its name.
 
         With an output opened (:meth:`open_output`) on an external-data model, the bytes go straight to the output's
-        data file so that memory stays flat; otherwise they are stored inline.
+        data file so that memory stays flat, unless ``hold_changes`` is set (recovery must run the model with its
+        changes, and onnxruntime reads external data from one folder only); otherwise they are stored inline, and
+        saving moves large ones to the data file.
         """
         values = np.ascontiguousarray(values, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
         name = tensor.name
-        if self._writer is not None and self.external and values.nbytes >= 1024:
+        if self._writer is not None and self.external and not self.hold_changes and values.nbytes >= 1024:
             offset = self._writer.append(values.reshape(-1).view(np.uint8))
             tensor.Clear()
             tensor.name = name
@@ -125,6 +128,14 @@ class LoadedModel:
             _set_location(tensor, self._writer.tmp_location, offset, values.nbytes)
             return
         tensor.CopyFrom(numpy_helper.from_array(values, name))
+
+    def runnable(self) -> bool:
+        """Whether onnxruntime can run the model as it is now: no tensor lives in the output's unfinished data file
+        (other external data is read from ``base_dir``)."""
+        if self._writer is None:
+            return True
+        return not any(uses_external_data(t) and _external_info(t)["location"] == self._writer.tmp_location
+                       for t in iter_tensors(self.proto))
 
     def open_output(self, out_path: Path) -> None:
         """Fix the output path early: check it is writable and, for external data, start streaming to it."""
@@ -141,6 +152,7 @@ class _DataWriter:
         self.location = out_path.name + ".data"
         self.final = out_path.parent / self.location
         fd, tmp = tempfile.mkstemp(prefix=f".{self.location}.", suffix=".tmp", dir=out_path.parent)
+        os.chmod(tmp, _file_mode())
         self.path = Path(tmp)
         # While streaming, tensors point at the temporary file's own (unique) name, so they can never be confused
         # with an input data file of the same name; save() rewrites them to the final name.
@@ -264,6 +276,7 @@ def save_model(model: LoadedModel, out_path: str | os.PathLike, check: bool = Tr
     model.open_output(out_path)
     writer = model._writer
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.chmod(tmp_name, _file_mode())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -299,6 +312,13 @@ def save_model(model: LoadedModel, out_path: str | os.PathLike, check: bool = Tr
         model._writer = None
     model.path = out_path
     return size
+
+
+def _file_mode() -> int:
+    """The mode a plainly created file gets (0666 minus the umask): temp files are 0600, outputs should not be."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _stream_remaining_external(model: LoadedModel, writer: _DataWriter) -> None:
