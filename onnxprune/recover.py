@@ -30,14 +30,12 @@ from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex, Use, attr, node_label
 from onnxprune.graph.io import INLINE_LIMIT_BYTES, LoadedModel
 from onnxprune.prune.obs import Hessian, obs_sweep
+from onnxprune.solvers import EXACT_FLOPS, Normal, one_sided, refit, relu_refit, relu_steps
 
 METHODS = ("none", "bn", "lsq")
 MAX_ROWS_PER_BATCH = 2048  # sampled conv output positions per batch, or more when a wide layer needs
 # CROSS_CHECK_ROWS rows per feature over all batches (for a well-posed Gram matrix without cross-validation)
 CROSS_CHECK_ROWS = 2  # fewer calibration rows than this many per feature: re-fits are cross-validated
-EXACT_FLOPS = 3e9  # per-output exact solves above this cost are replaced by the one-pass OBS update
-RELU_FLOPS = 3e11  # budget of a layer's Relu-aware refinement (fewer than 3 steps affordable: plain lsq only)
-RELU_ITERATIONS = 30
 MAX_FEATURES = 4608  # larger reductions (e.g. 512x3x3) are left alone: their Gram matrix would dominate memory
 
 
@@ -298,27 +296,27 @@ class _Recovery:
         before = total.error(w_full)
         masks = self._supports(total, layer, weight.shape, w_full, w_mat.shape[0])
         if total.rows < CROSS_CHECK_ROWS * len(total.gram):
-            halves = [[_refit(Hessian(f.gram, self.damp), f.cross, m, w_mat.shape[0]) for f in folds]
+            halves = [[refit(Hessian(f.gram, self.damp), f.cross, m, w_mat.shape[0]) for f in folds]
                       for m, _ in masks]
             judged = [folds[1].error(a) + folds[0].error(b) for a, b in halves]
             best = int(np.argmin(judged))
             new, after = (halves[best][0] + halves[best][1]) / 2, judged[best]
         else:
             hessian = Hessian(total.gram, self.damp)
-            fitted = [_refit(hessian, total.cross, m, w_mat.shape[0], start=start) for m, start in masks]
+            fitted = [refit(hessian, total.cross, m, w_mat.shape[0], start=start) for m, start in masks]
             judged = [total.error(c) for c in fitted]
             best = int(np.argmin(judged))
             new, after = fitted[best], judged[best]
             if relu_rows:  # judged on what the Relu passes on, and re-fitted for it
                 a, y, floor = (np.concatenate(part) for part in zip(*relu_rows))
                 sign = np.broadcast_to(self.floor_sign(node), (y.shape[1],))
-                before = _one_sided(a, y, floor, sign, w_full)
+                before = one_sided(a, y, floor, sign, w_full)
                 support = masks[best][0]
                 if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
-                    new, after = _relu_refit(a, y, floor, sign, new, support, hessian,
-                                             _relu_steps(len(a), *w_full.shape))
+                    new, after = relu_refit(a, y, floor, sign, new, support, hessian,
+                                             relu_steps(len(a), *w_full.shape))
                 else:
-                    after = _one_sided(a, y, floor, sign, new)
+                    after = one_sided(a, y, floor, sign, new)
         accepted = after < before
         if accepted:
             self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
@@ -333,7 +331,7 @@ class _Recovery:
         """Two folds of normal equations (rows split at random) and, when the output only reaches a Relu and the
         refinement is affordable, the rows themselves (float32) with the Relu floor of every target."""
         features, outputs = shape
-        folds = [_Normal(features, outputs) for _ in range(2)]
+        folds = [Normal(features, outputs) for _ in range(2)]
         rng = np.random.default_rng(0)
         limit = max(MAX_ROWS_PER_BATCH, -(-CROSS_CHECK_ROWS * features // len(self.batches)))
         relu_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
@@ -345,7 +343,7 @@ class _Recovery:
                 a = np.hstack([a, np.ones((a.shape[0], 1))])
             if floor is not None:
                 y, floor = y[:, :outputs], y[:, outputs:]
-            if floor is None or relu_rows is None or _relu_steps(len(a) * len(self.batches), features, outputs) < 3:
+            if floor is None or relu_rows is None or relu_steps(len(a) * len(self.batches), features, outputs) < 3:
                 relu_rows = None
             else:
                 relu_rows.append((a.astype(np.float32), y.astype(np.float32), floor.astype(np.float32)))
@@ -354,7 +352,7 @@ class _Recovery:
             folds[1].add(a[~half], y[~half])
         return folds, relu_rows
 
-    def _supports(self, total: "_Normal", layer: "_Layer", shape: tuple[int, ...], w_full: np.ndarray,
+    def _supports(self, total: "Normal", layer: "_Layer", shape: tuple[int, ...], w_full: np.ndarray,
                   prunable: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Candidate supports (non-zero patterns) to re-fit on, each with the OBS-swept weights that chose it (or
         None): the current zeros, and with --criterion obs zeros chosen here on the pruned model's activations.
@@ -371,95 +369,6 @@ class _Recovery:
             mask[prunable:] = True
             found.append((mask, chosen))
         return found
-
-
-def _relu_steps(rows: int, features: int, outputs: int) -> int:
-    """How many Relu-aware steps (two [rows x features] x [features x outputs] products each) fit RELU_FLOPS."""
-    return int(min(RELU_ITERATIONS, RELU_FLOPS // max(2.0 * rows * features * outputs, 1.0)))
-
-
-def _one_sided(a: np.ndarray, y: np.ndarray, floor: np.ndarray, sign: np.ndarray, w: np.ndarray) -> float:
-    """Squared error where the target is live; where it is below the Relu floor only the overshoot counts."""
-    p = a @ w.astype(a.dtype)
-    live = sign * (y - floor) > 0
-    err = np.where(live, p - y, np.maximum(sign * (p - floor), 0.0))
-    return float(np.sum(err.astype(np.float64) ** 2))
-
-
-def _relu_refit(a: np.ndarray, y: np.ndarray, floor: np.ndarray, sign: np.ndarray, w: np.ndarray,
-                support: np.ndarray, hessian: Hessian, iterations: int = RELU_ITERATIONS) -> tuple[np.ndarray, float]:
-    """Minimise the one-sided error plus the ridge term (as the plain fit has) by majorise-minimise steps
-    w <- w - H^-1 grad, with H the damped Gram matrix of all rows: the one-sided error's curvature never exceeds
-    it, so every step lowers the objective, and each costs two matrix products instead of a solve per output. Zeros
-    stay zero (the step is solved on each output's support). Returns the weights and their one-sided error."""
-    live = sign * (y - floor) > 0
-    goal = np.where(live, y, floor)
-    solve = _support_solver(hessian, support)
-    previous = None
-    for _ in range(iterations):
-        p = a @ w.astype(a.dtype)
-        residual = np.where(live | (sign * (p - floor) > 0), p - goal, 0).astype(a.dtype)
-        objective = float(np.sum(residual.astype(np.float64) ** 2)) + hessian.lam * float(np.sum(w * w))
-        if previous is not None and previous - objective <= 1e-6 * previous:
-            break
-        previous = objective
-        grad = (a.T @ residual).astype(np.float64) + hessian.lam * w
-        w = np.where(support, w - solve(grad), 0.0)
-    return w, _one_sided(a, y, floor, sign, w)
-
-
-def _support_solver(hessian: Hessian, support: np.ndarray):
-    """x -> H^-1 x solved on each output's support, with the inverses computed once (one per distinct support)."""
-    if support.all():
-        inverse = hessian.inverse
-        return lambda g: inverse @ g
-    damped = hessian.damped()
-    parts = []
-    for cols in _patterns(support).values():
-        s = support[:, cols[0]]
-        parts.append((s, cols, np.linalg.inv(damped[np.ix_(s, s)]) if s.any() else None))
-
-    def solve(g: np.ndarray) -> np.ndarray:
-        out = np.zeros_like(g)
-        for s, cols, inverse in parts:
-            if inverse is not None:
-                out[np.ix_(s, cols)] = inverse @ g[np.ix_(s, cols)]
-        return out
-    return solve
-
-
-def _patterns(support: np.ndarray) -> dict[bytes, list[int]]:
-    """Outputs grouped by their support column."""
-    patterns: dict[bytes, list[int]] = {}
-    for o in range(support.shape[1]):
-        patterns.setdefault(support[:, o].tobytes(), []).append(o)
-    return patterns
-
-
-class _Normal:
-    """Accumulated normal equations of a least-squares problem: A^T A, A^T Y, ||Y||^2 and the row count."""
-
-    def __init__(self, k: int, o: int) -> None:
-        self.gram = np.zeros((k, k))
-        self.cross = np.zeros((k, o))
-        self.yy = 0.0
-        self.rows = 0
-
-    def add(self, a: np.ndarray, y: np.ndarray) -> None:
-        self.gram += a.T @ a
-        self.cross += a.T @ y
-        self.yy += float((y * y).sum())
-        self.rows += len(a)
-
-    def __add__(self, other: "_Normal") -> "_Normal":
-        out = _Normal(*self.cross.shape)
-        out.gram, out.cross = self.gram + other.gram, self.cross + other.cross
-        out.yy, out.rows = self.yy + other.yy, self.rows + other.rows
-        return out
-
-    def error(self, w: np.ndarray) -> float:
-        """||A w - Y||^2 (a matrix product: BLAS, not an einsum loop)."""
-        return float(np.sum(w * (self.gram @ w)) - 2 * np.sum(w * self.cross) + self.yy)
 
 
 def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str,
@@ -554,33 +463,6 @@ def _fit_order(index: GraphIndex, method: str) -> list[onnx.NodeProto]:
 def _take_axis(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: int) -> np.ndarray:
     idx = kept.get(Dim(tensor, axis))
     return values if idx is None else np.take(values, idx, axis=axis)
-
-
-def _refit(hessian: Hessian, cross: np.ndarray, support: np.ndarray, prunable: int,
-           start: np.ndarray | None = None) -> np.ndarray:
-    """The best weights on ``support`` (rows past ``prunable``, a bias, are always free): exact per output when
-    that is affordable, else the sequential OBS update from the dense solution (or ``start``, already swept)."""
-    support = support.copy()
-    support[prunable:] = True
-    if support.all():
-        return hessian.solve(cross)
-    if float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
-        return _ridge(hessian, cross, support)
-    if start is not None:
-        return start
-    return obs_sweep(hessian.solve(cross), hessian, prunable, mask=~support[:prunable])
-
-
-def _ridge(hessian: Hessian, cross: np.ndarray, support: np.ndarray) -> np.ndarray:
-    """Solve each output column on its own support: w_S = (G_SS + lam I)^-1 C_S."""
-    out = np.zeros_like(cross)
-    for cols in _patterns(support).values():
-        s = support[:, cols[0]]
-        if not s.any():
-            continue
-        sub = hessian.gram[np.ix_(s, s)] + hessian.lam * np.eye(int(s.sum()))
-        out[np.ix_(s, cols)] = np.linalg.solve(sub, cross[np.ix_(s, cols)])
-    return out
 
 
 @dataclass

@@ -16,7 +16,8 @@ from onnxprune.pipeline import PruneOptions, find_groups, prune_channels
 from onnxprune.prune.obs import Hessian
 from onnxprune.prune.structured import ChannelPlan, apply_plan
 from onnxprune.reconstruction import recon_scores
-from onnxprune.recover import _fit_order, _layer_of, _one_sided, _Recovery, _relu_refit, _residual_branch, recover
+from onnxprune.recover import _fit_order, _layer_of, _Recovery, _residual_branch, recover
+from onnxprune.solvers import one_sided, relu_refit
 
 from conftest import MODELS
 
@@ -124,7 +125,7 @@ def test_relu_refit_reaches_the_one_sided_optimum(sparse):
     hessian = Hessian(a.T @ a, 0.01)
     support = RNG.random((k, o)) < 0.6 if sparse else np.ones((k, o), dtype=bool)
     start = np.where(support, np.linalg.solve(hessian.damped(), a.T @ y), 0.0)
-    w, err = _relu_refit(a, y, floor, sign, start, support, hessian, iterations=500)
+    w, err = relu_refit(a, y, floor, sign, start, support, hessian, iterations=500)
     assert np.all(w[~support] == 0)
     live = sign * (y - floor) > 0
 
@@ -134,10 +135,10 @@ def test_relu_refit_reaches_the_one_sided_optimum(sparse):
         return a.T @ residual + hessian.lam * v
 
     def objective(v: np.ndarray) -> float:
-        return _one_sided(a, y, floor, sign, v) + hessian.lam * float(np.sum(v * v))
+        return one_sided(a, y, floor, sign, v) + hessian.lam * float(np.sum(v * v))
     reference = _active_set_newton(a, y, floor, sign, start, support, hessian.lam)
     assert np.abs(gradient(reference)[support]).max() < 1e-8  # the oracle is at the optimum
-    assert err == pytest.approx(_one_sided(a, y, floor, sign, w))
+    assert err == pytest.approx(one_sided(a, y, floor, sign, w))
     assert objective(w) < objective(start)
     assert objective(w) <= objective(reference) * (1 + 1e-5)
 
