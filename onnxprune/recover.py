@@ -160,8 +160,8 @@ class _Recovery:
                 yield x_p, y, floor
             return
         add, other, norm = residual
-        relu = len(self.index.consumers_of(add.output[0])) == 1 and add.output[0] not in self.index.graph_outputs \
-            and self.index.consumers_of(add.output[0])[0].node.op_type == "Relu"
+        use = _sole_use(self.index, add.output[0])
+        relu = use is not None and use.node.op_type == "Relu"
         sum_idx = self.kept.get(Dim(add.output[0], 1))
         for (x_p, other_p), (sum_o,) in zip(pruned.iterate([node.input[0], other]),
                                             self.original_probe.iterate([add.output[0]])):
@@ -371,24 +371,30 @@ class _Recovery:
         return found
 
 
+def _sole_use(index: GraphIndex, tensor: str) -> Use | None:
+    """``tensor``'s only consumer, if it has exactly one and is not a graph output."""
+    uses = index.consumers_of(tensor)
+    return uses[0] if len(uses) == 1 and tensor not in index.graph_outputs else None
+
+
+def _use_past_norm(index: GraphIndex, tensor: str) -> tuple[onnx.NodeProto | None, Use | None]:
+    """(BatchNormalization or None, the sole use after it): where ``tensor`` goes when it has one consumer, looking
+    through one per-channel BatchNormalization fed by it alone."""
+    use = _sole_use(index, tensor)
+    if use is not None and use.node.op_type == "BatchNormalization" and use.index == 0:
+        return use.node, _sole_use(index, use.node.output[0])
+    return None, use
+
+
 def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str,
                                                                        onnx.NodeProto | None] | None:
     """(Add, its other input, BatchNormalization or None) when ``node``'s output reaches a two-input residual Add
     only through an optional per-channel BatchNormalization."""
-    uses = index.consumers_of(node.output[0])
-    if len(uses) != 1 or node.output[0] in index.graph_outputs:
+    norm, use = _use_past_norm(index, node.output[0])
+    if use is None or use.node.op_type != "Add" or len([n for n in use.node.input if n]) != 2:
         return None
-    norm = None
-    user = uses[0].node
-    if user.op_type == "BatchNormalization" and uses[0].index == 0:
-        norm = user
-        uses = index.consumers_of(user.output[0])
-        if len(uses) != 1 or user.output[0] in index.graph_outputs:
-            return None
-        user = uses[0].node
-    if user.op_type != "Add" or len([n for n in user.input if n]) != 2:
-        return None
-    other = user.input[1 - uses[0].index]
+    user = use.node
+    other = user.input[1 - use.index]
     if index.is_constant(other) or index.shape(other) != index.shape(user.output[0]):
         return None
     rival = _branch_conv(index, other)
@@ -400,18 +406,10 @@ def _residual_branch(index: GraphIndex, node: onnx.NodeProto) -> tuple[onnx.Node
 def _relu_after(index: GraphIndex, tensor: str) -> tuple[onnx.NodeProto | None, onnx.NodeProto | None]:
     """(BatchNormalization or None, Relu or None): the Relu that is ``tensor``'s only use, directly or after one
     per-channel BatchNormalization."""
-    norm = None
-    for _ in range(2):
-        uses = index.consumers_of(tensor)
-        if len(uses) != 1 or tensor in index.graph_outputs or uses[0].index != 0:
-            return None, None
-        user = uses[0].node
-        if user.op_type == "Relu":
-            return norm, user
-        if user.op_type != "BatchNormalization" or norm is not None:
-            return None, None
-        norm, tensor = user, user.output[0]
-    return None, None
+    norm, use = _use_past_norm(index, tensor)
+    if use is None or use.node.op_type != "Relu":
+        return None, None
+    return norm, use.node
 
 
 def _branch_conv(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
