@@ -109,9 +109,12 @@ def _take(values: np.ndarray, kept: dict[Dim, np.ndarray], tensor: str, axis: in
 class _Recovery:
     def __init__(self, original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.ndarray],
                  batches: list[dict[str, np.ndarray]], changed: set[str], damp: float,
-                 reselect: dict[str, Reselect]) -> None:
+                 reselect: dict[str, Reselect], relu_aware: bool = True) -> None:
         self.original = original
         self.reselect = reselect
+        self.changed = changed
+        self.relu_aware = relu_aware  # refine fits whose output only reaches a Relu (solvers.relu_refit)
+        self.relu_fits = 0
         self.pruned = pruned
         self.kept = kept
         self.batches = batches
@@ -313,6 +316,7 @@ class _Recovery:
                 before = one_sided(a, y, floor, sign, w_full)
                 support = masks[best][0]
                 if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
+                    self.relu_fits += 1
                     new, after = relu_refit(a, y, floor, sign, new, support, hessian,
                                              relu_steps(len(a), *w_full.shape))
                 else:
@@ -343,7 +347,8 @@ class _Recovery:
                 a = np.hstack([a, np.ones((a.shape[0], 1))])
             if floor is not None:
                 y, floor = y[:, :outputs], y[:, outputs:]
-            if floor is None or relu_rows is None or relu_steps(len(a) * len(self.batches), features, outputs) < 3:
+            if floor is None or relu_rows is None or not self.relu_aware \
+                    or relu_steps(len(a) * len(self.batches), features, outputs) < 3:
                 relu_rows = None
             else:
                 relu_rows.append((a.astype(np.float32), y.astype(np.float32), floor.astype(np.float32)))
@@ -576,11 +581,25 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
                             "changed weights were streamed to the output instead of being held for onnxruntime")
         return result
     start = time.perf_counter()
-    job = _Recovery(original, pruned, kept, batches, changed, damp, reselect or {})
     backup = onnx.ModelProto()
     backup.CopyFrom(pruned.proto)
+    job = _Recovery(original, pruned, kept, batches, changed, damp, reselect or {})
     result.output_error_before = job.output_error()
-    graph = pruned.proto.graph
+    result.output_error_after = _sweep(job, method, changed, result)
+    if job.relu_fits:
+        _compare_plain(result, job, backup)
+    if result.output_error_after > result.output_error_before:  # end-to-end guard: never leave it worse
+        pruned.proto.CopyFrom(backup)
+        result.kept = False
+        result.notes.append(f"recovery {method} did not improve the outputs on the calibration data "
+                            f"({result.output_error_before:.4g} -> {result.output_error_after:.4g}); undone")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _sweep(job: _Recovery, method: str, changed: set[str], result: RecoveryResult) -> float:
+    """Revisit every layer downstream of a change in fit order; returns the graph outputs' error afterwards."""
+    graph = job.pruned.proto.graph
     bn_after = {job.index.producer[n.input[0]].node.output[0] for n in graph.node
                 if n.op_type == "BatchNormalization" and n.input[0] in job.index.producer}
     for node in _fit_order(job.index, method):
@@ -602,11 +621,31 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
             result.layers.append(job.fix_lsq(node, layer))
         elif layer != "not a weighted layer":
             result.notes.append(f"{node_label(node)}: lsq skipped ({layer})")
-    result.output_error_after = job.output_error()
-    if result.output_error_after > result.output_error_before:  # end-to-end guard: never leave it worse
-        pruned.proto.CopyFrom(backup)
-        result.kept = False
-        result.notes.append(f"recovery {method} did not improve the outputs on the calibration data "
-                            f"({result.output_error_before:.4g} -> {result.output_error_after:.4g}); undone")
-    result.seconds = time.perf_counter() - start
-    return result
+    return job.output_error()
+
+
+def _compare_plain(result: RecoveryResult, job: _Recovery, backup: onnx.ModelProto) -> None:
+    """Re-run lsq without the Relu-aware refinement and keep whichever ends closer to the original outputs.
+
+    Why: the refinement lowers every layer's error after its Relu, and on residual CNNs it ends better, but on an
+    inverted-residual (MobileNetV2-like) digits CNN with --sparsity 0.7 the plain fit ended better (held-out top-1
+    92.5% vs 89.1%, mean of three calibration draws) although each layer's own error was lower with the refinement.
+    The calibration output error ranked the two correctly in 8 of 9 such cases, so it decides, at twice the cost.
+    """
+    pruned = job.pruned
+    refined = onnx.ModelProto()
+    refined.CopyFrom(pruned.proto)
+    pruned.proto.CopyFrom(backup)
+    plain = _Recovery(job.original, pruned, job.kept, job.batches, job.changed, job.damp, job.reselect,
+                      relu_aware=False)
+    trial = RecoveryResult(result.method)
+    error = _sweep(plain, result.method, job.changed, trial)
+    refined_error = result.output_error_after
+    if error < refined_error:  # the notes of both sweeps are the same
+        result.layers, result.output_error_after = trial.layers, error
+        result.notes.append(f"plain lsq kept: output error {error:.4g} on the calibration data, "
+                            f"{refined_error:.4g} with the Relu-aware refinement")
+    else:
+        pruned.proto.CopyFrom(refined)
+        result.notes.append(f"Relu-aware lsq kept: output error {refined_error:.4g} on the calibration data, "
+                            f"{error:.4g} with the plain fit")
