@@ -7,13 +7,15 @@ ships inside scikit-learn (1,797 8x8 grey images, 10 classes), so nothing is dow
 Usage (from the repository root; needs torch (CPU) and scikit-learn, both tools-only dependencies)::
 
     pip install scikit-learn
-    python tools/train_digits.py            # writes the three files below
+    python tools/train_digits.py            # writes the files below
 
 Writes:
 
 * ``models/digits_resnet.onnx``: stem conv + two residual blocks (BatchNormalization kept, residual ``Add``),
   global average pool, linear head;
 * ``models/digits_plain.onnx``: plain conv/BN/ReLU stack with a Flatten + Linear head (no residual);
+* ``models/digits_mobile.onnx``: MobileNetV2-style inverted residuals (depthwise convs, linear residual Add), a 1x1
+  head conv, global average pool, linear head;
 * ``models/digits_calib.npz``: 256 unlabelled *training* samples (``input``), calibration data for ``--calib``;
 * ``models/digits_val.npz``: the held-out samples, ``input`` float32 ``[N, 1, 8, 8]`` (pixel / 16) and ``labels``
   int64 ``[N]``. The training split never sees them.
@@ -87,6 +89,31 @@ class DigitsPlain(nn.Module):
         return self.fc(torch.flatten(self.features(x), 1))
 
 
+class DigitsMobile(nn.Module):
+    """Inverted residuals as in MobileNetV2 (1x1 expand, depthwise 3x3, 1x1 project, linear residual), a 1x1 head
+    conv before global pooling; ReLU, not ReLU6."""
+
+    def __init__(self, width: int = 16, expand: int = 4) -> None:
+        super().__init__()
+        hidden = width * expand
+
+        def block() -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+                nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+                nn.Conv2d(hidden, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.block1, self.block2 = block(), block()
+        self.head = nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block1(x)
+        x = x + self.block2(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.head(x), 1), 1))
+
+
 def split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
@@ -151,7 +178,7 @@ def main() -> None:
     print(f"calibration samples: {CALIB_SAMPLES} training images -> {calib}")
     if args.calib_only:
         return
-    for name, ctor in (("digits_resnet", DigitsResNet), ("digits_plain", DigitsPlain)):
+    for name, ctor in (("digits_resnet", DigitsResNet), ("digits_plain", DigitsPlain), ("digits_mobile", DigitsMobile)):
         torch.manual_seed(SEED)
         model = train(ctor(), x_train, y_train, args.epochs)
         path = os.path.join(args.out, f"{name}.onnx")
