@@ -18,10 +18,9 @@ import onnx
 from onnxprune.calibration import Probe
 from onnxprune.dependency import ChannelGroup, GroupSet
 from onnxprune.graph.index import attr
-from onnxprune.recover import conv_rows
+from onnxprune.weighted_layers import MAX_FEATURES, conv_rows
 
 DAMP = 0.01
-MAX_FEATURES = 4608
 GREEDY_LIMIT = 256  # larger groups are scored in one pass (each channel's cost alone), not in greedy order
 
 

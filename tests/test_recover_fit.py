@@ -16,7 +16,9 @@ from onnxprune.pipeline import PruneOptions, find_groups, prune_channels, prune_
 from onnxprune.prune.obs import Hessian
 from onnxprune.prune.structured import ChannelPlan, apply_plan
 from onnxprune.reconstruction import recon_scores
-from onnxprune.recover import _fit_order, _layer_of, _Recovery, _residual_branch, recover
+from onnxprune.fit_order import fit_order, residual_branch
+from onnxprune.recover import _Recovery, recover
+from onnxprune.weighted_layers import layer_of
 from onnxprune.solvers import one_sided, relu_refit
 
 from conftest import MODELS
@@ -80,7 +82,7 @@ def test_relu_floor_is_where_batchnorm_gives_zero_with_the_sign_of_gamma():
     model = from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
     job = _Recovery(proto, model, {}, _batches((8, 3, 5, 5), 1), set(), 0.01, {})
     conv = model.proto.graph.node[0]
-    (_, target, floor), = list(job.targets(conv, _layer_of(job.index, conv)))
+    (_, target, floor), = list(job.targets(conv, layer_of(job.index, conv)))
     sign = job.floor_sign(conv).reshape(1, -1, 1, 1)
 
     def bn(t):
@@ -91,7 +93,7 @@ def test_relu_floor_is_where_batchnorm_gives_zero_with_the_sign_of_gamma():
     assert np.array_equal(sign * (target - floor) > 0, bn(target) > 0)
 
 
-def test_relu_floor_of_a_residual_branch_is_where_the_sum_is_zero():
+def test_relu_floor_of_aresidual_branch_is_where_the_sum_is_zero():
     c = 4
     gamma = RNG.standard_normal(c)
     inits = {"w": RNG.standard_normal((c, c, 3, 3)), **_bn_inits(c, gamma)}
@@ -103,7 +105,7 @@ def test_relu_floor_of_a_residual_branch_is_where_the_sum_is_zero():
     batch = _batches((8, c, 5, 5), 1)
     job = _Recovery(proto, model, {}, batch, set(), 0.01, {})
     conv = model.proto.graph.node[0]
-    (_, target, floor), = list(job.targets(conv, _layer_of(job.index, conv)))
+    (_, target, floor), = list(job.targets(conv, layer_of(job.index, conv)))
     sign = job.floor_sign(conv).reshape(1, -1, 1, 1)
     shape = (1, -1, 1, 1)
     scale = (gamma / np.sqrt(inits["v"] + 1e-5)).reshape(shape)
@@ -180,9 +182,9 @@ def _projection_block(short_first: bool) -> onnx.ModelProto:
 def test_projection_shortcut_is_fitted_before_the_wider_branch(short_first):
     index = GraphIndex(from_proto(_projection_block(short_first)))
     nodes = {n.name: n for n in index.graph.node}
-    assert _residual_branch(index, nodes["branch"]) is not None  # the 3x3 conv absorbs the shortcut's error
-    assert _residual_branch(index, nodes["short"]) is None  # the 1x1 conv is fitted to its own output
-    order = [n.name for n in _fit_order(index, "lsq")]
+    assert residual_branch(index, nodes["branch"]) is not None  # the 3x3 conv absorbs the shortcut's error
+    assert residual_branch(index, nodes["short"]) is None  # the 1x1 conv is fitted to its own output
+    order = [n.name for n in fit_order(index, "lsq")]
     assert order.index("short") < order.index("branch")
 
 
