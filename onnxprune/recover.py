@@ -279,7 +279,45 @@ class _Recovery:
     # -- lsq --------------------------------------------------------------------------------------------------------
 
     def fix_lsq(self, node: onnx.NodeProto, layer: Layer) -> LayerFix:
-        """Re-fit one layer and keep the result only if it lowers the layer's error.
+        """Re-fit one layer, block by block (the groups of a grouped conv; one block otherwise), and keep each
+        block's result only if it lowers that block's error."""
+        weight = self.index.const_value(layer.weight).astype(np.float64)
+        w_mat = layer.to_matrix(weight)  # [K, O]
+        bias = self.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
+        if bias is None and layer.can_add_bias:  # a free intercept: the pruned inputs' means shift the output
+            bias = np.zeros(w_mat.shape[1])
+        w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
+        blocks = layer.blocks(w_mat.shape)
+        new, before, after, kinds = w_full.copy(), 0.0, 0.0, set()
+        for (features, outputs), (folds, relu_rows) in zip(blocks, self._normal_equations(node, layer, blocks,
+                                                                                         bias is not None)):
+            w_block = np.vstack([w_mat[features, outputs], bias[None, outputs]]) if bias is not None \
+                else w_mat[features, outputs]
+            prunable = features.stop - features.start
+            fitted, error_before, error_after, kind = self._fit_block(node, layer, weight.shape, w_block, prunable,
+                                                                      folds, relu_rows, outputs)
+            before += error_before
+            if error_after < error_before:
+                new[features, outputs] = fitted[:prunable]
+                if bias is not None:
+                    new[-1, outputs] = fitted[-1]
+                after += error_after
+                kinds.add(kind)
+            else:
+                after += error_before
+        accepted = bool(kinds)
+        if accepted:
+            self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
+            if layer.bias:
+                self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
+            elif bias is not None:
+                self.add_bias(node, layer, new[-1])
+        return LayerFix(node_label(node), "obs" if "obs" in kinds else "lsq", before, after, accepted)
+
+    def _fit_block(self, node: onnx.NodeProto, layer: Layer, shape: tuple[int, ...], w_full: np.ndarray,
+                   prunable: int, folds: list[Normal], relu_rows: list | None,
+                   outputs: slice) -> tuple[np.ndarray, float, float, str]:
+        """(new weights, error before, error after, "lsq" or "obs") of one block.
 
         With at least CROSS_CHECK_ROWS calibration rows per feature the fit uses all rows and, where the output only
         reaches a Relu, is refined for what the Relu passes on. With fewer, a fit can memorise the calibration data:
@@ -288,31 +326,24 @@ class _Recovery:
         (squared error is convex), which is what the cross-validation measured; a fit on all rows has no such bound
         when there are fewer rows than features (the min-norm fit's error grows towards rows = features).
         """
-        weight = self.index.const_value(layer.weight).astype(np.float64)
-        w_mat = layer.to_matrix(weight)  # [K, O]
-        bias = self.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
-        if bias is None and layer.can_add_bias:  # a free intercept: the pruned inputs' means shift the output
-            bias = np.zeros(w_mat.shape[1])
-        w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
-        folds, relu_rows = self._normal_equations(node, layer, w_full.shape)
         total = folds[0] + folds[1]
         before = total.error(w_full)
-        masks = self._supports(total, layer, weight.shape, w_full, w_mat.shape[0])
+        masks = self._supports(total, layer, shape, w_full, prunable)
         if total.rows < CROSS_CHECK_ROWS * len(total.gram):
-            halves = [[refit(Hessian(f.gram, self.damp), f.cross, m, w_mat.shape[0]) for f in folds]
-                      for m, _ in masks]
+            halves = [[refit(Hessian(f.gram, self.damp), f.cross, m, prunable) for f in folds] for m, _ in masks]
             judged = [folds[1].error(a) + folds[0].error(b) for a, b in halves]
             best = int(np.argmin(judged))
             new, after = (halves[best][0] + halves[best][1]) / 2, judged[best]
         else:
             hessian = Hessian(total.gram, self.damp)
-            fitted = [refit(hessian, total.cross, m, w_mat.shape[0], start=start) for m, start in masks]
+            fitted = [refit(hessian, total.cross, m, prunable, start=start) for m, start in masks]
             judged = [total.error(c) for c in fitted]
             best = int(np.argmin(judged))
             new, after = fitted[best], judged[best]
             if relu_rows:  # judged on what the Relu passes on, and re-fitted for it
                 a, y, floor = (np.concatenate(part) for part in zip(*relu_rows))
-                sign = np.broadcast_to(self.floor_sign(node), (y.shape[1],))
+                sign = self.floor_sign(node)
+                sign = sign[outputs] if np.ndim(sign) else np.full(y.shape[1], sign)
                 before = one_sided(a, y, floor, sign, w_full)
                 support = masks[best][0]
                 if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
@@ -321,41 +352,37 @@ class _Recovery:
                                              relu_steps(len(a), *w_full.shape))
                 else:
                     after = one_sided(a, y, floor, sign, new)
-        accepted = after < before
-        if accepted:
-            self.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
-            if layer.bias:
-                self.set_const(layer.bias, new[-1].reshape(self.index.shape(layer.bias)).astype(np.float32))
-            elif bias is not None:
-                self.add_bias(node, layer, new[-1])
-        return LayerFix(node_label(node), "obs" if best == 1 else "lsq", before, after if accepted else before,
-                        accepted)
+        return new, before, after, "obs" if best == 1 else "lsq"
 
-    def _normal_equations(self, node: onnx.NodeProto, layer: Layer, shape: tuple[int, int]):
-        """Two folds of normal equations (rows split at random) and, when the output only reaches a Relu and the
-        refinement is affordable, the rows themselves (float32) with the Relu floor of every target."""
-        features, outputs = shape
-        folds = [Normal(features, outputs) for _ in range(2)]
+    def _normal_equations(self, node: onnx.NodeProto, layer: Layer, blocks: list[tuple[slice, slice]],
+                          with_bias: bool) -> list[tuple[list[Normal], list | None]]:
+        """Per block: two folds of normal equations (rows split at random) and, when the output only reaches a Relu
+        and the refinement is affordable, the rows themselves (float32) with the Relu floor of every target."""
+        problems: list[list] = [[[Normal(f.stop - f.start + with_bias, o.stop - o.start) for _ in range(2)], []]
+                                for f, o in blocks]
         rng = np.random.default_rng(0)
-        limit = max(MAX_ROWS_PER_BATCH, -(-CROSS_CHECK_ROWS * features // len(self.batches)))
-        relu_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
+        widest = max(f.stop - f.start for f, _ in blocks) + with_bias
+        limit = max(MAX_ROWS_PER_BATCH, -(-CROSS_CHECK_ROWS * widest // len(self.batches)))
         for x_p, target, floor in self.targets(node, layer):
             if floor is not None:  # sampled at the same rows as the targets
                 target = np.concatenate([target, floor], axis=layer.out_axis)
-            a, y = layer.rows(node, x_p, target, rng, limit)
-            if features > a.shape[1]:
-                a = np.hstack([a, np.ones((a.shape[0], 1))])
-            if floor is not None:
-                y, floor = y[:, :outputs], y[:, outputs:]
-            if floor is None or relu_rows is None or not self.relu_aware \
-                    or relu_steps(len(a) * len(self.batches), features, outputs) < 3:
-                relu_rows = None
-            else:
-                relu_rows.append((a.astype(np.float32), y.astype(np.float32), floor.astype(np.float32)))
-            half = rng.random(len(a)) < 0.5
-            folds[0].add(a[half], y[half])
-            folds[1].add(a[~half], y[~half])
-        return folds, relu_rows
+            a_all, y_all = layer.rows(node, x_p, target, rng, limit)
+            floors = y_all[:, y_all.shape[1] // 2:] if floor is not None else None
+            half = rng.random(len(a_all)) < 0.5
+            for (features, outputs), problem in zip(blocks, problems):
+                a = a_all if features.stop - features.start == a_all.shape[1] else a_all[:, features]
+                if with_bias:
+                    a = np.hstack([a, np.ones((a.shape[0], 1))])
+                y = y_all[:, outputs]
+                if floors is None or problem[1] is None or not self.relu_aware \
+                        or relu_steps(len(a) * len(self.batches), a.shape[1], y.shape[1]) < 3:
+                    problem[1] = None
+                else:
+                    problem[1].append((a.astype(np.float32), y.astype(np.float32),
+                                       floors[:, outputs].astype(np.float32)))
+                problem[0][0].add(a[half], y[half])
+                problem[0][1].add(a[~half], y[~half])
+        return [(folds, relu_rows) for folds, relu_rows in problems]
 
     def _supports(self, total: "Normal", layer: Layer, shape: tuple[int, ...], w_full: np.ndarray,
                   prunable: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -365,7 +392,8 @@ class _Recovery:
         current = w_full != 0
         current[prunable:] = True
         found = [(current, None)]
-        choice = self.reselect.get(layer.weight)
+        # a grouped conv keeps wanda's zeros: the OBS sweep starts from the dense solution, which is not block-diagonal
+        choice = self.reselect.get(layer.weight) if layer.groups == 1 else None
         if choice is not None:
             hessian = Hessian(total.gram, self.damp)
             chosen = obs_sweep(hessian.solve(total.cross), hessian, prunable, zeros=choice.zeros,

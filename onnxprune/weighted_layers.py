@@ -19,7 +19,11 @@ MAX_FEATURES = 4608  # larger reductions (e.g. 512x3x3) are left alone: their Gr
 
 @dataclass
 class Layer:
-    """How to see one weighted layer as rows A [samples, K] times a matrix W [K, O]."""
+    """How to see one weighted layer as rows A [samples, K] times a matrix W [K, O].
+
+    A grouped (or depthwise) conv is seen as the dense conv it equals: W is block-diagonal, each group's outputs
+    reading only its own input channels (``blocks``); lsq fits each block on its own.
+    """
 
     op: str
     weight: str
@@ -28,16 +32,33 @@ class Layer:
     trans: bool = False
     kernel: tuple[int, int] = (1, 1)
     can_add_bias: bool = False  # no bias input yet, but the op takes one
+    groups: int = 1
 
     def to_matrix(self, w: np.ndarray) -> np.ndarray:
-        if self.op == "Conv":
-            return w.reshape(w.shape[0], -1).T
-        return w.T if self.trans else w
+        if self.op != "Conv":
+            return w.T if self.trans else w
+        per_group = w.reshape(w.shape[0], -1).T  # [K / groups, O]
+        if self.groups == 1:
+            return per_group
+        k, o = per_group.shape[0], per_group.shape[1] // self.groups
+        dense = np.zeros((k * self.groups, per_group.shape[1]), dtype=w.dtype)
+        for g in range(self.groups):
+            dense[g * k:(g + 1) * k, g * o:(g + 1) * o] = per_group[:, g * o:(g + 1) * o]
+        return dense
 
     def from_matrix(self, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        if self.op == "Conv":
+        if self.op != "Conv":
+            return m.T if self.trans else m
+        if self.groups == 1:
             return m.T.reshape(shape)
-        return m.T if self.trans else m
+        k, o = m.shape[0] // self.groups, m.shape[1] // self.groups
+        blocks = [m[g * k:(g + 1) * k, g * o:(g + 1) * o] for g in range(self.groups)]
+        return np.concatenate(blocks, axis=1).T.reshape(shape)
+
+    def blocks(self, shape: tuple[int, int]) -> list[tuple[slice, slice]]:
+        """(matrix rows, matrix columns) of the independent parts of W [K, O]: one per conv group."""
+        k, o = shape[0] // self.groups, shape[1] // self.groups
+        return [(slice(g * k, (g + 1) * k), slice(g * o, (g + 1) * o)) for g in range(self.groups)]
 
     def pattern_order(self, shape: tuple[int, ...], pattern: tuple[int, int] | None) -> np.ndarray | None:
         """Matrix rows in an order where N:M groups (consecutive along the reduction axis) are consecutive."""
@@ -86,14 +107,13 @@ def layer_of(index: GraphIndex, node: onnx.NodeProto) -> Layer | str:
         w = index.shape(node.input[1])
         if not index.is_constant(node.input[1]) or w is None or len(w) != 4:
             return "only 2-D convs with constant weights"
-        if int(attr(node, "group", 1)) != 1:
-            return "grouped/depthwise conv"
         if attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
             return "auto_pad SAME"
-        if int(np.prod(w[1:])) > MAX_FEATURES:
+        if int(np.prod(w[1:])) > MAX_FEATURES:  # per group: each group is fitted on its own
             return f"reduction of {int(np.prod(w[1:]))} features is too large"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        return Layer("Conv", node.input[1], bias, 1, kernel=(int(w[2]), int(w[3])), can_add_bias=bias is None)
+        return Layer("Conv", node.input[1], bias, 1, kernel=(int(w[2]), int(w[3])), can_add_bias=bias is None,
+                     groups=int(attr(node, "group", 1)))
     if node.op_type == "Gemm":
         if int(attr(node, "transA", 0)) or float(attr(node, "alpha", 1.0)) != 1 or float(attr(node, "beta", 1.0)) != 1:
             return "Gemm with transA/alpha/beta"

@@ -218,3 +218,74 @@ def test_auto_criterion_uses_calibration_data_when_given(tmp_path):
         report = prune_model(model, PruneOptions(channels=0.5, sparsity=0.3, round_to=1, calib=calib,
                                                  recover=recover_method))
         assert f"criterion auto with calibration data: recon for channels, {weights} for weights" in report.notes
+
+
+def _grouped(w: np.ndarray, x_shape: list, duplicate: np.ndarray | None, pads: int) -> onnx.ModelProto:
+    """x -> [1x1 conv with weights ``duplicate``] -> grouped conv ``w`` (groups = channels / w.shape[1]) -> y."""
+    groups = w.shape[0] // w.shape[1] if w.shape[1] > 1 else w.shape[0]
+    nodes, inits, source = [], [numpy_helper.from_array(w, "w")], "x"
+    if duplicate is not None:
+        inits.append(numpy_helper.from_array(duplicate, "d"))
+        nodes.append(helper.make_node("Conv", ["x", "d"], ["h"]))
+        source = "h"
+    nodes.append(helper.make_node("Conv", [source, "w"], ["y"], group=groups, pads=[pads] * 4))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _zero_and_recover(proto: onnx.ModelProto, zero, batches: list[dict]) -> tuple[onnx.ModelProto, np.ndarray]:
+    """Zero some weights of the grouped conv ``w`` (as unstructured pruning would) and run lsq."""
+    model = from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
+    w = next(t for t in model.proto.graph.initializer if t.name == "w")
+    values = numpy_helper.to_array(w).copy()
+    zero(values)
+    w.CopyFrom(numpy_helper.from_array(values, "w"))
+    result = recover(proto, model, {}, batches, "lsq", {"w"}, damp=1e-9)
+    assert result.layers and result.layers[-1].accepted
+    return model.proto, values
+
+
+def test_grouped_conv_is_refitted_within_its_groups():
+    """Group 2: in each group the second input channel is a multiple of the first, so the first's weights can move
+    onto the second exactly; the re-fit must find that and stay a grouped conv with the zeros kept."""
+    duplicate = np.zeros((4, 2, 1, 1), np.float32)
+    duplicate[[0, 1, 2, 3], [0, 0, 1, 1], 0, 0] = [1, 2, 1, 3]  # channels x0, 2 x0, x1, 3 x1
+    w = RNG.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    proto = _grouped(w, [None, 2, 6, 6], duplicate, pads=1)
+    batches = [{"x": RNG.standard_normal((8, 2, 6, 6)).astype(np.float32)} for _ in range(2)]
+
+    def zero(values: np.ndarray) -> None:
+        values[:, 0] = 0
+    recovered, zeroed = _zero_and_recover(proto, zero, batches)
+    x = RNG.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    assert np.abs(_run(_with_w(proto, zeroed), x) - _run(proto, x)).max() > 0.1
+    np.testing.assert_allclose(_run(recovered, x), _run(proto, x), rtol=1e-3, atol=1e-3)
+    new = numpy_helper.to_array(next(t for t in recovered.graph.initializer if t.name == "w"))
+    assert new.shape == w.shape and not new[:, 0].any()
+
+
+def test_depthwise_conv_is_refitted_per_channel():
+    """Inputs constant along the width and no padding: a kernel's left column reads what its middle column reads, so
+    zeroing it is undone exactly by moving it to the other columns, channel by channel."""
+    w = RNG.standard_normal((3, 1, 3, 3)).astype(np.float32)
+    proto = _grouped(w, [None, 3, 6, 6], None, pads=0)
+
+    def columns(n: int) -> np.ndarray:
+        return np.repeat(RNG.standard_normal((n, 3, 6, 1)).astype(np.float32), 6, axis=3)
+    batches = [{"x": columns(8)} for _ in range(2)]
+
+    def zero(values: np.ndarray) -> None:
+        values[:, 0, :, 0] = 0
+    recovered, zeroed = _zero_and_recover(proto, zero, batches)
+    x = columns(2)
+    assert np.abs(_run(_with_w(proto, zeroed), x) - _run(proto, x)).max() > 0.1
+    np.testing.assert_allclose(_run(recovered, x), _run(proto, x), rtol=1e-3, atol=1e-3)
+    new = numpy_helper.to_array(next(t for t in recovered.graph.initializer if t.name == "w"))
+    assert not new[:, 0, :, 0].any()
+
+
+def _with_w(proto: onnx.ModelProto, w: np.ndarray) -> onnx.ModelProto:
+    out = onnx.ModelProto.FromString(proto.SerializeToString())
+    next(t for t in out.graph.initializer if t.name == "w").CopyFrom(numpy_helper.from_array(w, "w"))
+    return out
