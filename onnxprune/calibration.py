@@ -56,6 +56,10 @@ class Probe:
         self._sessions[fetch] = session
         return session
 
+    def close(self) -> None:
+        """Drop the cached sessions (each holds the weights and onnxruntime's activation memory)."""
+        self._sessions.clear()
+
     def iterate(self, names: list[str]) -> Iterator[list[np.ndarray]]:
         """For each calibration batch, the values of ``names``."""
         fetch = tuple(dict.fromkeys(n for n in names if n not in self.batches[0])) if self.batches else tuple(names)

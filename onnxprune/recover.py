@@ -479,14 +479,16 @@ def _compare_plain(result: RecoveryResult, job: _Recovery, backup: onnx.ModelPro
 
     Why: the refinement lowers every layer's error after its Relu, and on residual CNNs it ends better, but on an
     inverted-residual digits CNN (models/digits_mobile.onnx) with --sparsity 0.7/0.8 the plain fit ended better
-    (held-out top-1 90.0% vs 88.2% and 77.8% vs 71.9%, mean of five calibration draws) although each layer's own
+    (held-out top-1 90.2% vs 88.5% and 79.3% vs 76.1%, mean of five calibration draws) although each layer's own
     error was lower with the refinement. Choosing by the calibration output error beat either fit alone on average
-    over 40 runs (README, "Recovery without training"), at twice the cost.
+    over 40 runs (tools/bench_relu_refit.py), at twice the cost.
     """
     pruned = job.pruned
     refined = onnx.ModelProto()
     refined.CopyFrom(pruned.proto)
     pruned.proto.CopyFrom(backup)
+    job.original_probe.close()  # the first sweep's sessions are not needed again: free their memory first
+    job.pruned_probe().close()
     plain = _Recovery(job.original, pruned, job.kept, job.batches, job.changed, job.damp, job.reselect,
                       relu_aware=False)
     trial = RecoveryResult(result.method)

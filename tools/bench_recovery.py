@@ -1,9 +1,9 @@
 """Recovery benchmark: accuracy and agreement of pruned models with no recovery, bn and lsq, and the time taken.
 
 Trained digits CNNs (models/digits_*.onnx: residual, plain, inverted-residual) are evaluated on the held-out set
-(models/digits_val.npz), calibrated on 256 training samples (models/digits_calib.npz). The random-weight transformer (models/transformer.onnx) has no
-task: for it the table shows agreement with the original (top-1 of its 10 outputs and relative error) on random
-inputs, calibrated on other random inputs.
+(models/digits_val.npz), calibrated on 256 training samples (models/digits_calib.npz). The random-weight transformer
+(models/transformer.onnx) has no task: for it the table shows agreement with the original (top-1 of its 10 outputs
+and relative error) on random inputs, calibrated on other random inputs.
 
     python tools/bench_recovery.py [--quick] [--subsets 5]
 """
@@ -11,6 +11,7 @@ inputs, calibrated on other random inputs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -58,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
     parser.add_argument("--subsets", type=int, default=0, metavar="N",
-                        help="also: the residual CNN with lsq on N random calibration draws (needs scikit-learn)")
+                        help="also: the residual and inverted-residual CNNs with lsq on N random calibration "
+                             "draws (needs scikit-learn)")
     args = parser.parse_args()
     methods = ["none", "bn", "lsq"]
     configs = [("--channels 0.3", {"channels": 0.3}),
@@ -94,27 +96,36 @@ def main() -> None:
         print("\n".join(subsets(configs, args.subsets)))
 
 
-def subsets(configs: list, count: int) -> list[str]:
-    """digits_resnet with lsq, calibrated on ``count`` different random draws of 256 training images: how much the
-    accuracy depends on which samples were given."""
+def calib_draws(folder: Path, count: int) -> tuple[list[Path], np.ndarray, np.ndarray]:
+    """``count`` calibration files of 256 random training images (seeds 0..count-1) in ``folder``, and the held-out
+    images and labels (scikit-learn's digits, split as tools/train_digits.py splits them)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_digits import split
 
     x_train, _, x_val, y_val = split()
-    rows = [f"| pruning (digits_resnet.onnx, lsq) | top-1 % per calibration draw (seeds 0-{count - 1}) | mean | min |",
-            "|---|---|---|---|"]
+    files = []
+    for seed in range(count):
+        files.append(folder / f"calib_{seed}.npz")
+        pick = np.random.default_rng(seed).choice(len(x_train), 256, replace=False)
+        np.savez(files[-1], input=x_train[pick])
+    return files, x_val, y_val
+
+
+def subsets(configs: list, count: int) -> list[str]:
+    """The residual and inverted-residual digits CNNs with lsq, calibrated on ``count`` different random draws of 256
+    training images: how much the accuracy depends on which samples were given."""
+    rows = [f"| model | pruning (lsq) | top-1 % per calibration draw (seeds 0-{count - 1}) | mean | min |",
+            "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, options in configs:
+        files, x_val, y_val = calib_draws(Path(tmp), count)
+        for name, (label, options) in itertools.product(("digits_resnet.onnx", "digits_mobile.onnx"), configs):
             accs = []
-            for seed in range(count):
-                calib = Path(tmp) / f"calib_{seed}.npz"
-                if not calib.exists():
-                    pick = np.random.default_rng(seed).choice(len(x_train), 256, replace=False)
-                    np.savez(calib, input=x_train[pick])
-                model = from_proto(onnx.load(str(MODELS / "digits_resnet.onnx")))
+            for calib in files:
+                model = from_proto(onnx.load(str(MODELS / name)))
                 prune_model(model, PruneOptions(calib=str(calib), round_to=1, **options))
                 accs.append(100 * float((run(model.proto, {"input": x_val}).argmax(1) == y_val).mean()))
-            rows.append(f"| {label} | {' '.join(f'{a:.1f}' for a in accs)} | {np.mean(accs):.2f} | {min(accs):.1f} |")
+            draws = " ".join(f"{a:.1f}" for a in accs)
+            rows.append(f"| {name} | {label} | {draws} | {np.mean(accs):.2f} | {min(accs):.1f} |")
     return rows
 
 
