@@ -6,10 +6,10 @@
   equivalent bias correction (the folded-BN case).
 - ``lsq``: each 2-D Conv (grouped ones group by group), Gemm and MatMul with a constant weight that sits downstream
   of a change is re-solved in closed form (ridge least squares) so that, on the pruned model's *own* activations, it
-  reproduces the original model's output at that point (He et al. 2017; ThiNet). Zeroed weights stay zero: every output row is
-  solved on its own support, or, for layers too wide for that, updated by one OBS sweep (prune/obs.py). With
-  ``--criterion obs`` the zeros are chosen here too, by that sweep. A new solution is kept only if it lowers the
-  layer's calibration error, cross-validated when there are few calibration rows per feature.
+  reproduces the original model's output at that point (He et al. 2017; ThiNet). Zeroed weights stay zero: every
+  output row is solved on its own support, or, for layers too wide for that, updated by one OBS sweep
+  (prune/obs.py). With ``--criterion obs`` the zeros are chosen here too, by that sweep. A new solution is kept only
+  if it lowers the layer's calibration error, cross-validated when there are few calibration rows per feature.
 
 Only small statistics are held (per-channel moments, one Gram matrix at a time); activations are requested from
 onnxruntime two tensors at a time.
