@@ -40,10 +40,9 @@ class Layer:
         per_group = w.reshape(w.shape[0], -1).T  # [K / groups, O]
         if self.groups == 1:
             return per_group
-        k, o = per_group.shape[0], per_group.shape[1] // self.groups
-        dense = np.zeros((k * self.groups, per_group.shape[1]), dtype=w.dtype)
-        for g in range(self.groups):
-            dense[g * k:(g + 1) * k, g * o:(g + 1) * o] = per_group[:, g * o:(g + 1) * o]
+        dense = np.zeros((per_group.shape[0] * self.groups, per_group.shape[1]), dtype=w.dtype)
+        for rows, cols in self.blocks(dense.shape):
+            dense[rows, cols] = per_group[:, cols]
         return dense
 
     def from_matrix(self, m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -51,9 +50,7 @@ class Layer:
             return m.T if self.trans else m
         if self.groups == 1:
             return m.T.reshape(shape)
-        k, o = m.shape[0] // self.groups, m.shape[1] // self.groups
-        blocks = [m[g * k:(g + 1) * k, g * o:(g + 1) * o] for g in range(self.groups)]
-        return np.concatenate(blocks, axis=1).T.reshape(shape)
+        return np.concatenate([m[rows, cols] for rows, cols in self.blocks(m.shape)], axis=1).T.reshape(shape)
 
     def blocks(self, shape: tuple[int, int]) -> list[tuple[slice, slice]]:
         """(matrix rows, matrix columns) of the independent parts of W [K, O]: one per conv group."""
