@@ -3,7 +3,8 @@
 Why a module of its own: scoring and recovery both need intermediate tensors, but never all of them at once. A
 :class:`Probe` asks onnxruntime for only the few tensors needed now, from a graph cut down to what they depend on,
 batch by batch, and the caller folds each batch into small statistics (per-channel moments, Gram matrices) before
-the next one.
+the next one. Every tensor it returns is finite: the data is checked when loaded, so a NaN or inf here is computed by
+the model (a NaN weight, or an overflow), and it is an error naming the tensor and sample instead of a NaN statistic.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Iterator
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
-from onnxprune.errors import ConfigError
+from onnxprune.errors import ConfigError, DataError, InputModelError
+from onnxprune.finite import first_nonfinite, require_finite
 
 
 class Probe:
@@ -30,8 +33,9 @@ class Probe:
     CACHE = 2
 
     def __init__(self, proto: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
-                 base_dir: str | Path | None = None) -> None:
+                 base_dir: str | Path | None = None, label: str = "input model") -> None:
         self.proto = proto
+        self.label = label  # names the model in errors ("pruned model" during recovery)
         self.base_dir = base_dir  # where external-data weights live (a model given as bytes has no folder)
         self.tensors = set(tensors)
         self.batches = batches
@@ -64,9 +68,35 @@ class Probe:
         """For each calibration batch, the values of ``names``."""
         fetch = tuple(dict.fromkeys(n for n in names if n not in self.batches[0])) if self.batches else tuple(names)
         session = self._session(fetch) if fetch else None
+        start = 0
         for feed in self.batches:
             values = dict(zip(fetch, session.run(list(fetch), feed))) if session is not None else {}
+            for name, value in values.items():
+                found = first_nonfinite(value)
+                if found is not None:
+                    self._refuse(name, found[1], start + (found[0] or 0), feed, start)
+            start += len(next(iter(feed.values()))) if feed else 0
             yield [feed[n] if n in feed else values[n] for n in names]
+
+    def _refuse(self, tensor: str, kind: str, sample: int, feed: dict[str, np.ndarray], start: int) -> None:
+        """Raise for a non-finite activation, blaming its cause: the batch itself (library callers may pass
+        unchecked data), a NaN/inf weight it depends on (InputModelError), else an overflow (DataError). Runs only
+        on this error path, so finite runs pay for nothing but the check in :meth:`iterate`."""
+        for name, value in feed.items():
+            found = first_nonfinite(value)
+            if found is not None:
+                raise DataError(f"calibration data: input '{name}' has {found[1]} at sample {start + (found[0] or 0)}")
+        graph = cut_to(self.proto, [tensor]).graph
+        constants = [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+        for init in [*graph.initializer, *constants]:
+            try:
+                value = numpy_helper.to_array(init, str(self.base_dir or ""))
+            except Exception:  # best effort on the error path: an unreadable weight is not the one to blame
+                continue
+            require_finite(value, f"{self.label}: weight '{init.name}'", InputModelError, "axis-0 index",
+                           f"tensor '{tensor}' computed from it is {kind} at calibration sample {sample}")
+        raise DataError(f"{self.label}: tensor '{tensor}' is {kind} at calibration sample {sample} although the data "
+                        "and weights are finite (an overflow? check the data's scale)")
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:

@@ -40,6 +40,19 @@ class ProviderUnavailable(OnnxPruneError):
 
 
 class DataError(OnnxPruneError):
-    """Calibration or validation data does not match the model's inputs."""
+    """Calibration or validation data does not match the model's inputs or is unusable (NaN/inf, no samples, 0-d), or
+    what was computed from it is not finite."""
 
     exit_code = 7
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGINT (Ctrl-C) arrived. A BaseException, like KeyboardInterrupt, so that ``except Exception``
+    handlers do not swallow it while ``finally`` and ``except BaseException`` cleanup still runs; the CLI exits
+    128 + the signal number (143, 130) with one line. Not KeyboardInterrupt itself: click would catch that and print
+    an extra empty line."""
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -15,15 +15,16 @@ from onnxprune.calibration import collect_moments
 from onnxprune.channels import Dim
 from onnxprune.dependency import GroupSet, build_groups
 from onnxprune.errors import ConfigError, OutputError
+from onnxprune.graph.check import check_input_model
 from onnxprune.graph.fold import fold_constant_subgraphs
 from onnxprune.graph.index import GraphIndex, attr, is_weighted
 from onnxprune.graph.io import INLINE_LIMIT_BYTES, LoadedModel, default_output_path, load_model, save_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
-from onnxprune.prune.verify import masked_model, max_difference, random_feeds
+from onnxprune.prune.verify import feed_shapes, in_memory, masked_model, random_values, relative_difference, run
 from onnxprune.prune.unstructured import UnstructuredResult, find_weights, prune_unstructured, to_sparse_storage
 from onnxprune.reconstruction import recon_scores
 from onnxprune.recover import RecoveryResult, Reselect, output_error, recover
-from onnxprune.stats import ModelStats, model_stats, static_input_shapes
+from onnxprune.stats import ModelStats, check_input_shapes, model_stats, static_input_shapes
 
 
 @dataclass
@@ -161,27 +162,85 @@ def _prune_in_steps(model: LoadedModel, options: PruneOptions) -> PruneReport:
 
 
 VERIFY_TOLERANCE = 1e-3
+VERIFY_BATCH = 2
 
 
-def _verify(reference: onnx.ModelProto | None, model: LoadedModel, groups: GroupSet, plan: ChannelPlan,
-            options: PruneOptions, report: PruneReport) -> None:
-    """Run the exactness oracle on the result; a mismatch is an error and nothing is written."""
-    if reference is None:
-        report.notes.append("--verify skipped: external-data models are not loaded into memory")
-        return
+def _verify_feeds(model: LoadedModel, options: PruneOptions) -> dict[str, np.ndarray]:
+    """The random inputs ``--verify`` will use, drawn before any work: a run that cannot be verified fails at once
+    with the reason and the fix, instead of after pruning or (worse) passing without a check.
+
+    Raises:
+        ConfigError: no channel removal was asked for, so there is nothing to prove; a bad ``--input-shape``.
+        OutputError: the oracle cannot run: the model is too big to hold in memory, or an input has dynamic dims
+            other than the batch and no ``--input-shape``.
+    """
+    if not options.channels:
+        raise ConfigError("--verify proves a channel removal: give --channels above 0 (weight sparsity alone "
+                          "changes no structure to check)")
+    if model.file_size > INLINE_LIMIT_BYTES:
+        raise OutputError(f"--verify cannot run: the model is {model.file_size / 1e9:.1f} GB and the oracle runs it "
+                          f"in onnxruntime from memory, which protobuf limits to {INLINE_LIMIT_BYTES / 1e9:.1f} GB; "
+                          "prune without --verify. Nothing was written.")
+    check_input_shapes(model, options.input_shapes)  # prune_file checks them too; library callers may not
+    shapes, dynamic = feed_shapes(model.proto, VERIFY_BATCH, options.input_shapes)
+    if dynamic:
+        first = dynamic[0]
+        raise OutputError(f"--verify cannot run: input '{first.name}' [{', '.join(map(str, first.dims))}] has "
+                          f"dynamic dims ({', '.join(first.unknown)}) other than the batch, so the oracle cannot "
+                          f"choose its shape; give --input-shape {first.name}:{first.example()} with each N set to "
+                          "the size the model runs at. Nothing was written.")
+    return random_values(model.proto, shapes)
+
+
+def _verify(reference: onnx.ModelProto, model: LoadedModel, groups: GroupSet, plan: ChannelPlan,
+            feeds: dict[str, np.ndarray]) -> str:
+    """The postcondition of channel removal: the structurally pruned model must give the outputs of ``reference``
+    (the model just before removal, held in memory) with the removed channels masked to zero.
+
+    Returns what was proved, for the report. ``reference`` is consumed (masked in place) to spare a copy.
+
+    Raises:
+        OutputError: a mismatch, or onnxruntime cannot run one of the two models; nothing is written.
+    """
     if not plan.remove:
-        return
-    feeds = random_feeds(reference, batch=2, input_shapes=options.input_shapes)
-    if feeds is None:
-        report.notes.append("--verify skipped: the model has dynamic dims other than the batch; give --input-shape")
-        return
-    difference = max_difference(masked_model(reference, groups, plan.remove), model.proto, feeds)
+        return "--verify: no channel was removed (see the groups), so the structure is unchanged and there was no " \
+               "removal to prove"
+    expected = _run_for_verify(masked_model(reference, groups, plan.remove, in_place=True), feeds,
+                               "--verify cannot run: onnxruntime cannot run the original model with the removed "
+                               "channels masked")
+    actual = _run_for_verify(in_memory(model, copy=False), feeds,
+                             "internal error: onnxruntime cannot run the pruned model")
+    difference = relative_difference(expected, actual)
     if not difference <= VERIFY_TOLERANCE:
-        raise OutputError(f"internal error: the pruned model differs from the original with the removed channels "
-                          f"masked (max relative difference {difference:.3g}); nothing was written. Please report "
-                          "this with the model.")
-    report.notes.append(f"verified: on 2 random inputs the pruned model equals the original with the removed "
-                        f"channels masked to zero (max relative difference {difference:.2g})")
+        raise OutputError(f"internal error: --verify found the pruned model differs from the original with the "
+                          f"removed channels masked (max relative difference {difference:.3g} on random inputs); "
+                          "nothing was written. Please report this with the model.")
+    shapes = ", ".join(f"{name} {'x'.join(map(str, v.shape))}" for name, v in feeds.items())
+    removed = sum(len(ids) for ids in plan.remove.values())
+    return (f"verified the channel removal: on random inputs ({shapes}) the model with {removed} channel(s) removed "
+            f"gives the outputs of the model before removal with those channels masked to zero (max relative "
+            f"difference {difference:.2g})")
+
+
+def _run_for_verify(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], failure: str) -> list[np.ndarray]:
+    try:
+        return run(proto, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise OutputError(f"{failure} ({first}); nothing was written") from None
+
+
+def _changed_after_removal(report: PruneReport) -> str:
+    """What later steps did to the weights the verified model had, for the end of the ``--verify`` note."""
+    steps = []
+    if report.unstructured is not None and any(w.zeros_after != w.zeros_before for w in report.unstructured.weights):
+        steps.append("weight sparsity zeroed weights")
+    if report.recovery is not None and report.recovery.kept and any(f.accepted for f in report.recovery.layers):
+        steps.append(f"recovery ({report.recovery.method}) re-fitted weights")
+    if not steps:
+        return ""
+    return (f"; after that, {' and '.join(steps)} on purpose, so the saved model is not expected to equal the "
+            "masked original")
 
 
 def _feature_norms(index: GraphIndex, batches: list) -> dict[str, np.ndarray]:
@@ -237,6 +296,7 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
     """Prune ``model`` in place according to ``options``; the report's output fields are filled by the caller."""
     if options.steps > 1 and options.channels:
         return _prune_in_steps(model, options)
+    verify_feeds = _verify_feeds(model, options) if options.verify else None
     if options.calib and options.recover != "none" and model.external and model.file_size <= INLINE_LIMIT_BYTES:
         model.hold_changes = True  # recovery runs the changed model in onnxruntime
     too_big = model.external and not model.hold_changes  # its changes are streamed out: no recovery
@@ -266,14 +326,15 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         original.CopyFrom(model.proto)
     changed: set[str] = set()
     kept: dict[Dim, np.ndarray] = {}
+    proof = None  # what --verify proved, reported once the later steps are known
     if options.channels:
-        reference = None
-        if options.verify and not model.external:
-            reference = onnx.ModelProto()
-            reference.CopyFrom(model.proto)
+        # the model just before removal, in memory (external data loaded: pruning may stream its changes to the
+        # output's unfinished data file, which onnxruntime cannot read)
+        reference = in_memory(model) if verify_feeds is not None else None
         groups, plan, report.round_to, kept = prune_channels(model, options, batches, index)
-        if options.verify:
-            _verify(reference, model, groups, plan, options, report)
+        if reference is not None:
+            proof = _verify(reference, model, groups, plan, verify_feeds)
+            del reference  # masked in place; free it before sparsity and recovery
         changed |= {d.tensor for d in kept if groups.index.is_constant(d.tensor)}
         report.groups = _group_rows(groups, plan.remove, plan.notes)
         if not groups.prunable():
@@ -307,6 +368,8 @@ def prune_model(model: LoadedModel, options: PruneOptions) -> PruneReport:
         for layer in report.before.layers:
             if layer.weight in before_zeros and layer.params:
                 layer.zeros = before_zeros[layer.weight]
+    if proof is not None:
+        report.notes.append(proof + _changed_after_removal(report))
     report.after = model_stats(model, options.input_shapes, zeros=known)
     report.after.file_size = 0  # known once saved
     return report
@@ -347,10 +410,16 @@ def _group_rows(groups: GroupSet, removed: dict[int, np.ndarray], plan_notes: di
 def prune_file(input_path: str | Path, output_path: str | Path | None, options: PruneOptions) -> PruneReport:
     """Load, prune, save atomically (never over the input) and report."""
     model = load_model(input_path)
+    check_input_model(model)  # exit 3 for an invalid input, before the output is touched
+    check_input_shapes(model, options.input_shapes)
     out = Path(output_path) if output_path else default_output_path(Path(input_path))
     model.open_output(out)
-    report = prune_model(model, options)
-    report.output_size = save_model(model, out, check=report.structure_changed)
+    try:
+        report = prune_model(model, options)
+        report.output_size = save_model(model, out, check=report.structure_changed)
+    except BaseException:
+        model.discard_output()  # an error, Ctrl-C or SIGTERM before the commit leaves no data file behind
+        raise
     report.output = str(out)
     report.after.file_size = report.output_size
     return report

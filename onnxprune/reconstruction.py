@@ -7,7 +7,8 @@ give H = (X^T X + damp)^-1; removing the input rows b of weight W then costs tr(
 optimal update of the other rows. Channels are removed greedily (cheapest first, summed over the group's
 consumers), updating W and H after each removal, and a channel's score is its cumulative cost at removal. The greedy
 order costs O(channels^2) small solves per group, so groups over 256 channels are scored in one pass instead (each
-channel's cost with all others present).
+channel's cost with all others present). Scores must come out finite: a NaN weight is an InputModelError naming it,
+and a NaN cost (a numerical failure) a DataError naming the group, never a choice by position.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import onnx
 
 from onnxprune.calibration import Probe
 from onnxprune.dependency import ChannelGroup, GroupSet
+from onnxprune.errors import DataError, InputModelError
+from onnxprune.finite import require_finite
 from onnxprune.graph.index import attr
 from onnxprune.weighted_layers import MAX_FEATURES, conv_rows
 
@@ -79,6 +82,7 @@ def _consumers(groups: GroupSet, group: ChannelGroup, probe: Probe) -> list[_Con
             if use.index != 1:
                 continue
             weight = index.const_value(dim.tensor).astype(np.float64)
+            require_finite(weight, f"input model: weight '{dim.tensor}'", InputModelError, "axis-0 index")
             if node.op_type == "Conv" and dim.axis == 1 and int(attr(node, "group", 1)) == 1 and weight.ndim == 4:
                 per = int(np.prod(weight.shape[2:]))
                 matrix = weight.reshape(weight.shape[0], -1).T
@@ -170,4 +174,8 @@ def recon_scores(groups: GroupSet, chosen: list[ChannelGroup], proto: onnx.Model
             alive.remove(pick)
         score[alive[0]] = total + 1.0 + abs(total)
         scores[group.id] = score
+    for group in chosen:
+        if group.id in scores:
+            require_finite(scores[group.id], f"group '{group.name}': recon score", DataError, "channel",
+                           "the reconstruction costs on the calibration data are not finite")
     return scores

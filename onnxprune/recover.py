@@ -13,6 +13,10 @@
 
 Only small statistics are held (per-channel moments, one Gram matrix at a time); activations are requested from
 onnxruntime two tensors at a time.
+
+Nothing non-finite is kept or reported: activations are checked by the Probe, a fit with NaN or inf is dropped and a
+note names the layer (the layer keeps its weights), and a value about to be written or an output error that is still
+not finite is an error.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import onnx
 
 from onnxprune.calibration import Moments, Probe
 from onnxprune.channels import Dim
-from onnxprune.errors import ConfigError
+from onnxprune.errors import ConfigError, DataError, OnnxPruneError
+from onnxprune.finite import first_nonfinite, require_finite
 from onnxprune.fit_order import fit_order, relu_after, residual_branch, sole_use
 from onnxprune.graph.index import GraphIndex, Use, attr, node_label
 from onnxprune.graph.io import INLINE_LIMIT_BYTES, LoadedModel
@@ -77,7 +82,7 @@ def output_error(original: onnx.ModelProto, pruned: LoadedModel, batches: list[d
     """Relative squared error of every graph output of ``pruned`` against ``original`` on ``batches``."""
     names = [o.name for o in pruned.proto.graph.output]
     return _output_error(Probe(original, names, batches, pruned.base_dir),
-                         Probe(pruned.proto, names, batches, pruned.base_dir), pruned.proto)
+                         Probe(pruned.proto, names, batches, pruned.base_dir, "pruned model"), pruned.proto)
 
 
 def _output_error(original: Probe, pruned: Probe, proto: onnx.ModelProto) -> float:
@@ -88,7 +93,9 @@ def _output_error(original: Probe, pruned: Probe, proto: onnx.ModelProto) -> flo
             if r.shape == g.shape and np.issubdtype(r.dtype, np.floating):
                 num += float(np.sum((r.astype(np.float64) - g) ** 2))
                 den += float(np.sum(r.astype(np.float64) ** 2))
-    return num / den if den else 0.0
+    error = num / den if den else 0.0
+    require_finite(np.float64(error), "the output error on the calibration data", DataError)
+    return error
 
 
 def _downstream(graph: onnx.GraphProto, changed: set[str]) -> set[str]:
@@ -126,10 +133,12 @@ class _Recovery:
         self._pruned_probe: Probe | None = None
         self._tensors = tensors
         self.added_biases = 0
+        self.notes: list[str] = []  # fits dropped for NaN/inf or a failed solve, one line per layer
 
     def pruned_probe(self) -> Probe:
         if self._pruned_probe is None:
-            self._pruned_probe = Probe(self.pruned.proto, self._tensors, self.batches, self.pruned.base_dir)
+            self._pruned_probe = Probe(self.pruned.proto, self._tensors, self.batches, self.pruned.base_dir,
+                                       "pruned model")
         return self._pruned_probe
 
     def output_error(self) -> float:
@@ -192,12 +201,16 @@ class _Recovery:
         return 1.0 if norm is None else np.where(self.index.const_value(norm.input[1]) < 0, -1.0, 1.0)
 
     def set_const(self, name: str, value: np.ndarray) -> None:
+        require_finite(value, f"internal error: recovery computed weight '{name}'", OnnxPruneError, "axis-0 index",
+                       "nothing was written; please report this with the model")
         self.pruned.replace(self.index.const_tensor(name), value)
         self.index.forget_value(name)
         self._pruned_probe = None  # weights changed: the next activations come from a new session
 
     def add_bias(self, node: onnx.NodeProto, layer: Layer, values: np.ndarray) -> None:
         """Give a bias-free Conv/Gemm the intercept its re-fit found (as its optional third input)."""
+        require_finite(values, f"internal error: recovery computed a bias for {node_label(node)}", OnnxPruneError,
+                       "index", "nothing was written; please report this with the model")
         weight = self.index.const_tensor(layer.weight)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type)
         name, k = f"{layer.weight}_bias", 0
@@ -294,8 +307,13 @@ class _Recovery:
             w_block = np.vstack([w_mat[features, outputs], bias[None, outputs]]) if bias is not None \
                 else w_mat[features, outputs]
             prunable = features.stop - features.start
-            fitted, error_before, error_after, kind = self._fit_block(node, layer, weight.shape, w_block, prunable,
-                                                                      folds, relu_rows, outputs)
+            try:
+                fitted, error_before, error_after, kind = self._fit_block(node, layer, weight.shape, w_block,
+                                                                          prunable, folds, relu_rows, outputs)
+            except np.linalg.LinAlgError as exc:  # a singular system despite the damping: keep this block as it is
+                self.notes.append(f"{node_label(node)}: lsq fit failed ({exc}); the layer keeps its weights there")
+                fitted, kind = w_block, "lsq"
+                error_before = error_after = (folds[0] + folds[1]).error(w_block)
             before += error_before
             if error_after < error_before:
                 new[features, outputs] = fitted[:prunable]
@@ -328,30 +346,36 @@ class _Recovery:
         """
         total = folds[0] + folds[1]
         before = total.error(w_full)
-        masks = self._supports(total, layer, shape, w_full, prunable)
-        if total.rows < CROSS_CHECK_ROWS * len(total.gram):
+        masks = self._supports(node, total, layer, shape, w_full, prunable)
+        cross_checked = total.rows < CROSS_CHECK_ROWS * len(total.gram)
+        if cross_checked:
             halves = [[refit(Hessian(f.gram, self.damp), f.cross, m, prunable) for f in folds] for m, _ in masks]
-            judged = [folds[1].error(a) + folds[0].error(b) for a, b in halves]
+            judged = [folds[1].error(a) + folds[0].error(b) if self._finite(node, "lsq fit", (a + b) / 2)
+                      else np.inf for a, b in halves]
             best = int(np.argmin(judged))
             new, after = (halves[best][0] + halves[best][1]) / 2, judged[best]
         else:
             hessian = Hessian(total.gram, self.damp)
             fitted = [refit(hessian, total.cross, m, prunable, start=start) for m, start in masks]
-            judged = [total.error(c) for c in fitted]
+            judged = [total.error(c) if self._finite(node, "lsq fit", c) else np.inf for c in fitted]
             best = int(np.argmin(judged))
             new, after = fitted[best], judged[best]
-            if relu_rows:  # judged on what the Relu passes on, and re-fitted for it
-                a, y, floor = (np.concatenate(part) for part in zip(*relu_rows))
-                sign = self.floor_sign(node)
-                sign = sign[outputs] if np.ndim(sign) else np.full(y.shape[1], sign)
-                before = one_sided(a, y, floor, sign, w_full)
-                support = masks[best][0]
-                if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
-                    self.relu_fits += 1
-                    new, after = relu_refit(a, y, floor, sign, new, support, hessian,
-                                             relu_steps(len(a), *w_full.shape))
-                else:
-                    after = one_sided(a, y, floor, sign, new)
+        if not np.isfinite(after):  # every candidate was dropped (noted): the block keeps its weights
+            return w_full, before, before, "lsq"
+        if relu_rows and not cross_checked:  # judged on what the Relu passes on, and re-fitted for it
+            a, y, floor = (np.concatenate(part) for part in zip(*relu_rows))
+            sign = self.floor_sign(node)
+            sign = sign[outputs] if np.ndim(sign) else np.full(y.shape[1], sign)
+            before = one_sided(a, y, floor, sign, w_full)
+            support = masks[best][0]
+            refined = None
+            if support.all() or float(np.sum(support.sum(0).astype(np.float64) ** 3)) <= EXACT_FLOPS:
+                self.relu_fits += 1
+                refined = relu_refit(a, y, floor, sign, new, support, hessian, relu_steps(len(a), *w_full.shape))
+            if refined is not None and self._finite(node, "Relu-aware refinement", refined[0]):
+                new, after = refined
+            else:
+                after = one_sided(a, y, floor, sign, new)
         return new, before, after, "obs" if best == 1 else "lsq"
 
     def _normal_equations(self, node: onnx.NodeProto, layer: Layer, blocks: list[tuple[slice, slice]],
@@ -386,8 +410,15 @@ class _Recovery:
                 problem[0][1].add(a[~half], y[~half])
         return [(folds, relu_rows) for folds, relu_rows in problems]
 
-    def _supports(self, total: "Normal", layer: Layer, shape: tuple[int, ...], w_full: np.ndarray,
-                  prunable: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    def _finite(self, node: onnx.NodeProto, what: str, fit: np.ndarray) -> bool:
+        """Whether a fit is finite; when not, a note names the layer and the fit is not used."""
+        found = first_nonfinite(fit)
+        if found is not None:
+            self.notes.append(f"{node_label(node)}: the {what} has {found[1]} at feature row {found[0]}; not used")
+        return found is None
+
+    def _supports(self, node: onnx.NodeProto, total: "Normal", layer: Layer, shape: tuple[int, ...],
+                  w_full: np.ndarray, prunable: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Candidate supports (non-zero patterns) to re-fit on, each with the OBS-swept weights that chose it (or
         None): the current zeros, and with --criterion obs zeros chosen here on the pruned model's activations.
         Rows past the weight matrix (the bias) are always free."""
@@ -400,6 +431,8 @@ class _Recovery:
             hessian = Hessian(total.gram, self.damp)
             chosen = obs_sweep(hessian.solve(total.cross), hessian, prunable, zeros=choice.zeros,
                                pattern=choice.pattern, order=layer.pattern_order(shape, choice.pattern))
+            if not self._finite(node, "OBS choice of zeros", chosen):  # the pruning's own zeros stay
+                return found
             mask = chosen != 0
             mask[prunable:] = True
             found.append((mask, chosen))
@@ -438,7 +471,7 @@ def recover(original: onnx.ModelProto, pruned: LoadedModel, kept: dict[Dim, np.n
     result.output_error_after = _sweep(job, method, changed, result)
     if job.relu_fits:
         _compare_plain(result, job, backup)
-    if result.output_error_after > result.output_error_before:  # end-to-end guard: never leave it worse
+    if not result.output_error_after <= result.output_error_before:  # end-to-end guard: never leave it worse
         pruned.proto.CopyFrom(backup)
         result.kept = False
         result.notes.append(f"recovery {method} did not improve the outputs on the calibration data "
@@ -471,6 +504,7 @@ def _sweep(job: _Recovery, method: str, changed: set[str], result: RecoveryResul
             result.layers.append(job.fix_lsq(node, layer))
         elif layer != "not a weighted layer":
             result.notes.append(f"{node_label(node)}: lsq skipped ({layer})")
+    result.notes += job.notes
     return job.output_error()
 
 
@@ -494,8 +528,8 @@ def _compare_plain(result: RecoveryResult, job: _Recovery, backup: onnx.ModelPro
     trial = RecoveryResult(result.method)
     error = _sweep(plain, result.method, job.changed, trial)
     refined_error = result.output_error_after
-    if error < refined_error:  # the notes of both sweeps are the same
-        result.layers, result.output_error_after = trial.layers, error
+    if error < refined_error:  # the plain sweep's notes replace the first's (fits it dropped may differ)
+        result.layers, result.output_error_after, result.notes = trial.layers, error, trial.notes
         result.notes.append(f"plain lsq kept: output error {error:.4g} on the calibration data, "
                             f"{refined_error:.4g} with the Relu-aware refinement")
     else:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+from collections.abc import Iterable
 from pathlib import Path
 
 from onnxprune.errors import OutputError
@@ -104,17 +105,63 @@ def render_prune(report: PruneReport) -> str:
     return "\n".join(parts)
 
 
-def write_json(data: dict, path: str | Path) -> None:
-    """Atomic JSON write: a temporary file in the same folder, then rename."""
+def check_json_target(path: str | Path, protected: Iterable[str | Path] = ()) -> Path:
+    """Refuse a ``--json`` target that cannot be written, before any work or output, so that a bad path does not
+    fail a run after its model was written.
+
+    Args:
+        protected: files the report must never replace (the input and output models and their data).
+
+    Raises:
+        OutputError: the path is a folder or not a regular file, its folder is missing or not writable, it is one
+            of ``protected``, or it is an existing file that is not a JSON report.
+    """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise OutputError(f"{path}: cannot write JSON report (folder missing or not writable)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    folder = path.parent
+    if path.is_dir():
+        raise OutputError(f"--json {path}: is a directory; give a file name for the report")
+    if path.exists() and not path.is_file():
+        raise OutputError(f"--json {path}: exists and is not a regular file")
+    if not folder.is_dir():
+        raise OutputError(f"--json {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"--json {path}: folder {folder} is not writable")
+    target = path.resolve()
+    clash = next((p for p in protected if Path(p).resolve() == target), None)
+    if clash is not None:
+        raise OutputError(f"--json {path}: refusing to write the report over the model file {clash}")
+    if path.is_file():  # e.g. the input's external data file, whose name the CLI does not know before loading
+        with open(path, "rb") as handle:
+            start = handle.read(64).lstrip()
+        if start and not start.startswith(b"{"):
+            raise OutputError(f"--json {path}: exists and is not a JSON report; refusing to replace it")
+    return path
+
+
+def _write_failed(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"--json {path}: cannot write the report ({exc.strerror or exc})")
+
+
+def write_json(data: dict, path: str | Path, protected: Iterable[str | Path] = ()) -> None:
+    """Atomic JSON write: a temporary file in the same folder, then rename; nothing is left behind on failure.
+
+    Raises:
+        OutputError: see :func:`check_json_target`, or writing failed (disk full, ...).
+    """
+    path = check_json_target(path, protected)
+    text = json.dumps(data, indent=2, default=str)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:  # O_EXCL with mode 0o666: a fresh file that gets the umask's permissions (mkstemp's would be 0600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise _write_failed(path, exc) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=str)
+            handle.write(text)
         os.replace(tmp, path)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write JSON report ({exc})") from None
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, exc) from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-write
+        tmp.unlink(missing_ok=True)
+        raise

@@ -2,7 +2,8 @@
 
 A channel's score aggregates every weight it owns: producer rows, consumer columns and, for ``bn-scale``, the
 BatchNormalization scale. Each member's scores are divided by their mean first, so one large layer does not drown
-the others, then reduced over members (mean, sum or max).
+the others, then reduced over members (mean, sum or max). A NaN or inf weight is an error naming it: its channel's
+score would be NaN, and a NaN score compares neither higher nor lower, so channels would be chosen by position.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import onnx
 
 from onnxprune.channels import Dim
 from onnxprune.dependency import ChannelGroup, GroupSet
-from onnxprune.errors import ConfigError
+from onnxprune.errors import ConfigError, DataError, InputModelError
+from onnxprune.finite import require_finite
 from onnxprune.graph.index import is_weighted
 
 CHANNEL_CRITERIA = ("l1", "l2", "bn-scale", "act", "recon")
@@ -74,6 +76,7 @@ def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1",
     rows = []
     for dim in dims:
         per_index = _per_index(groups.index.const_value(dim.tensor), dim.axis, base)
+        require_finite(per_index, f"input model: weight '{dim.tensor}'", InputModelError, f"axis-{dim.axis} index")
         per_channel = group.per_channel_sum(dim, per_index)
         if base == "l2":
             per_channel = np.sqrt(per_channel)
@@ -91,4 +94,6 @@ def channel_scores(groups: GroupSet, group: ChannelGroup, criterion: str = "l1",
             scores = scores * np.mean(acts, axis=0)
         else:
             note = "no activation statistics for this group: scored by l1"
+    require_finite(scores, f"group '{group.name}': {criterion} score",
+                   DataError if criterion == "act" else InputModelError, "channel")
     return scores, note

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex, attr, is_weighted, node_label
 from onnxprune.graph.io import LoadedModel, iter_tensors
 from onnxprune.prune.unstructured import FLOAT_TYPES, find_weights
@@ -45,8 +47,58 @@ class ModelStats:
         return sum(layer.params for layer in self.layers)
 
 
+MAX_DIM = 2**31 - 1  # onnxruntime and most kernels index a dim with int32
+MAX_ELEMENTS = 2**40  # a tensor this size (4 TB of float32) is a typo, not a shape
+
+
+def _describe_input(value: onnx.ValueInfoProto) -> str:
+    if not value.type.tensor_type.HasField("shape"):
+        return f"{value.name} [rank unknown]"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]
+    return f"{value.name} [{', '.join(dims)}]"
+
+
+def check_input_shapes(model: LoadedModel, given: dict[str, list[int]] | None) -> None:
+    """Refuse ``--input-shape`` values the model cannot take, before any work: shape inference would otherwise
+    ignore an unknown name, overflow on an absurd dim or silently keep the model's own static dim.
+
+    Raises:
+        ConfigError: an unknown input name, a wrong rank, a dim < 1 or > MAX_DIM, over MAX_ELEMENTS elements, or a
+            dim that contradicts a static dim of the model.
+    """
+    if not given:
+        return
+    inits = {t.name for t in model.proto.graph.initializer}
+    inputs = {v.name: v for v in model.proto.graph.input if v.name not in inits}
+    for name, dims in given.items():
+        text = f"--input-shape {name}:{'x'.join(map(str, dims))}"
+        value = inputs.get(name)
+        if value is None:
+            raise ConfigError(f"{text}: the model has no input '{name}'; its inputs are "
+                              f"{'; '.join(_describe_input(v) for v in inputs.values()) or 'none'}")
+        bad = next((d for d in dims if not 1 <= d <= MAX_DIM), None)
+        if bad is not None:
+            raise ConfigError(f"{text}: every dim must be between 1 and {MAX_DIM} (got {bad})")
+        if math.prod(dims) > MAX_ELEMENTS:
+            raise ConfigError(f"{text}: {math.prod(dims):.3g} elements is more than any model input can hold "
+                              f"(limit {MAX_ELEMENTS:.3g})")
+        if not value.type.tensor_type.HasField("shape"):
+            continue  # rank unknown: any shape may be right
+        static = value.type.tensor_type.shape.dim
+        if len(dims) != len(static):
+            raise ConfigError(f"{text} has rank {len(dims)}; the model expects rank {len(static)}: "
+                              f"{_describe_input(value)}")
+        for axis, (have, want) in enumerate(zip(dims, static)):
+            if want.HasField("dim_value") and want.dim_value > 0 and have != want.dim_value:
+                raise ConfigError(f"{text}: axis {axis} is {have}, but the model fixes it to {want.dim_value} "
+                                  f"({_describe_input(value)})")
+
+
 def static_input_shapes(model: LoadedModel, given: dict[str, list[int]] | None) -> dict[str, list[int]]:
-    """Given shapes, plus batch 1 for inputs whose only unknown dim is the leading one."""
+    """Given shapes (checked by :func:`check_input_shapes`), plus batch 1 for inputs whose only unknown dim is the
+    leading one."""
+    check_input_shapes(model, given)
     shapes = dict(given or {})
     inits = {t.name for t in model.proto.graph.initializer}
     for inp in model.proto.graph.input:

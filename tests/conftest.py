@@ -26,3 +26,20 @@ def model_copy(tmp_path):
         return Path(shutil.copy(MODELS / name, tmp_path / name))
 
     return copy
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true", help="also run the tests marked slow (what CI runs)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; runs with --all (CI runs them all)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--all"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --all")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

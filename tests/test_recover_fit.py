@@ -227,6 +227,7 @@ def test_recon_scores_are_the_same_with_batchnorm_kept_or_folded(stem):
         np.testing.assert_allclose(s, scores["folded"][producers], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_lsq_keeps_whichever_sweep_ends_closer_to_the_original(monkeypatch):
     """With calibration data lsq runs with and without the Relu-aware refinement when the refinement was used, and
     keeps the sweep whose graph outputs are closer to the original's. On the inverted-residual digits CNN at

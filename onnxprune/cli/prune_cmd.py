@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import click
 
-from onnxprune.cli.options import GLOB_RATIO, RATIO, debug_option, input_shape_option, json_option
+from pathlib import Path
+
+from onnxprune.cli.options import (GLOB_RATIO, MODEL_PATH, PATTERN, RATIO, debug_option, input_shape_option,
+                                   json_option)
 from onnxprune.errors import ConfigError
+from onnxprune.graph.io import default_output_path
 from onnxprune.pipeline import PruneOptions, prune_file
-from onnxprune.prune.unstructured import parse_pattern
-from onnxprune.report import prune_dict, render_prune, write_json
+from onnxprune.report import check_json_target, prune_dict, render_prune, write_json
 
 try:
     from onnxprune.validate import run_validation, validate_options
@@ -35,11 +38,13 @@ class RoundToType(click.ParamType):
 
 
 @click.command(name="prune")
-@click.argument("model", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", type=click.Path(), help="Output file (default: <stem>.pruned.onnx beside the input).")
+@click.argument("model", type=MODEL_PATH)
+@click.option("-o", "--output", type=click.Path(readable=False),
+              help="Output file (default: <stem>.pruned.onnx beside the input).")
 @click.option("--channels", type=RATIO, help="Remove this fraction of channels from every group (structured).")
 @click.option("--sparsity", type=RATIO, help="Zero this fraction of weights (unstructured; after --channels).")
-@click.option("--pattern", help="N:M sparsity, e.g. 2:4: keep N of every M weights along the reduction axis.")
+@click.option("--pattern", type=PATTERN,
+              help="N:M sparsity, e.g. 2:4: keep N of every M weights along the reduction axis.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="layer: each group/tensor loses the ratio; global: one ranking across all of them.")
 @click.option("--criterion", type=click.Choice(["auto", "l1", "l2", "bn-scale", "act", "recon", "wanda", "obs"]),
@@ -78,8 +83,8 @@ class RoundToType(click.ParamType):
 @validate_options
 @debug_option
 def prune_command(model: str, output: str | None, channels: float | None, sparsity: float | None,
-                  pattern: str | None, scope: str, criterion: str, reduction: str, round_to: int | None,
-                  exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
+                  pattern: tuple[int, int] | None, scope: str, criterion: str, reduction: str,
+                  round_to: int | None, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
                   recover_method: str | None, steps: int, verify: bool, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, **validation) -> None:
@@ -88,7 +93,11 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
         raise ConfigError("nothing to do: give --channels, --sparsity or --pattern")
     if pattern and sparsity is not None:
         raise ConfigError("--pattern sets the sparsity itself; do not combine it with --sparsity")
-    options = PruneOptions(channels=channels, sparsity=sparsity, pattern=parse_pattern(pattern) if pattern else None,
+    out = Path(output) if output else default_output_path(Path(model))
+    protected = (model, out, out.with_name(out.name + ".data"))
+    if json_path:
+        check_json_target(json_path, protected)  # before the model is written
+    options = PruneOptions(channels=channels, sparsity=sparsity, pattern=pattern,
                            scope=scope, criterion=criterion, reduction=reduction, round_to=round_to,
                            exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
@@ -105,6 +114,6 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
         click.echo(validation_report.render())
         data["validation"] = validation_report.to_dict()
     if json_path:
-        write_json(data, json_path)
+        write_json(data, json_path, protected)
     if validation_report is not None:
         validation_report.check_thresholds()

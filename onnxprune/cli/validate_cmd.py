@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import click
 
-from onnxprune.cli.options import debug_option, input_shape_option, json_option
-from onnxprune.report import write_json
+from onnxprune.cli.options import MODEL_PATH, debug_option, input_shape_option, json_option
+from onnxprune.report import check_json_target, write_json
 from onnxprune.validate import run_validation, validate_options
 
 
 @click.command(name="validate")
-@click.argument("original", type=click.Path(dir_okay=False))
-@click.argument("pruned", type=click.Path(dir_okay=False))
+@click.argument("original", type=MODEL_PATH)
+@click.argument("pruned", type=MODEL_PATH)
 @validate_options
 @input_shape_option
 @json_option
@@ -28,8 +28,10 @@ def validate_command(original: str, pruned: str, input_shapes, json_path: str | 
     Exits 5 when --max-accuracy-drop, --min-agreement or --min-cosine is exceeded (the report and --json are
     written first), 6 when a requested provider is not installed, 7 when the data does not match the model.
     """
+    if json_path:
+        check_json_target(json_path, [original, pruned])  # before the (long) validation run
     report = run_validation(original, pruned, dict(input_shapes), progress=True, **options)
     click.echo(report.render())
     if json_path:
-        write_json(report.to_dict(), json_path)
+        write_json(report.to_dict(), json_path, [original, pruned])
     report.check_thresholds()

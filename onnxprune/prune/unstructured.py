@@ -3,7 +3,8 @@
 Exact counts: a tensor pruned to ratio r has exactly round(r * n) of its smallest-magnitude entries zeroed (ties are
 broken by position). The global ranking selects its threshold with a two-pass radix select over the float32 bit
 patterns of |w| (monotone for non-negative floats), so it never holds all weights in memory at once: tensors are
-read one at a time (memory-mapped for external data) and written straight back.
+read one at a time (memory-mapped for external data) and written straight back. A NaN or inf score is an error
+naming the weight (its bits would rank above every finite score, so it would never be pruned, silently).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.errors import ConfigError
+from onnxprune.errors import ConfigError, DataError, InputModelError
+from onnxprune.finite import require_finite
 from onnxprune.graph.index import GraphIndex, attr, is_weighted, node_label
 
+NONFINITE_BITS = 0x7F800000  # float32 bit patterns of |x| at or above this are inf or NaN
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 CRITERIA = ("l1", "l2", "wanda")
 
@@ -224,7 +227,13 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
     norms = feature_norms if criterion == "wanda" else {}
 
     def score_of(w: WeightInfo) -> np.ndarray:
-        return _scores(index.const_value(w.name), w.reduction_axis, norms.get(w.name))
+        values = index.const_value(w.name)
+        bits = _scores(values, w.reduction_axis, norms.get(w.name))
+        if bits.size and int(bits.max()) >= NONFINITE_BITS:  # one reduction; the message is built only then
+            require_finite(values, f"input model: weight '{w.name}'", InputModelError, "axis-0 index")
+            require_finite(bits.view(np.float32), f"weight '{w.name}': {criterion} score",
+                           DataError if w.name in norms else InputModelError, "axis-0 index", "overflows float32")
+        return bits
 
     result = UnstructuredResult(find_weights(index))
     pool: list[WeightInfo] = []

@@ -22,7 +22,9 @@ import onnxruntime as ort
 
 from onnxprune.cli.options import RatioType
 from onnxprune.errors import ConfigError, DataError
+from onnxprune.graph.check import check_input_model
 from onnxprune.graph.io import LoadedModel, load_model
+from onnxprune.stats import check_input_shapes
 from onnxprune.validate import data as data_mod
 from onnxprune.validate import providers as prov
 from onnxprune.validate.accuracy import PairResult, TopK, evaluate_pair, run_batch
@@ -214,6 +216,9 @@ def run_validation(original: str | Path, pruned: str | Path, input_shapes: dict[
     if not providers:
         raise ConfigError("--providers auto found no usable execution provider")
     orig_model, pruned_model = load_model(original), load_model(pruned)
+    for model in (orig_model, pruned_model):
+        check_input_model(model)
+    check_input_shapes(orig_model, input_shapes)  # exit 2 before any data work
     orig_specs = data_mod.input_specs(orig_model.proto)
     pruned_specs = data_mod.input_specs(pruned_model.proto)
     if [(s.name, s.dtype) for s in orig_specs] != [(s.name, s.dtype) for s in pruned_specs]:

@@ -2,7 +2,9 @@
 
 Why one module: every source ends as the same :class:`Dataset` (one array per model input, first axis = samples,
 optional labels), checked against the model's input specs up front, so a mismatch is a clear :class:`DataError`
-(exit 7) instead of an onnxruntime shape error in the middle of a run.
+(exit 7) instead of an onnxruntime shape error in the middle of a run. The same check refuses data that cannot give a
+meaningful result: no samples, a 0-d array, NaN or inf (which would turn every score and fit computed from the data
+into NaN).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ConfigError, DataError
+from onnxprune.finite import first_nonfinite, require_finite
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 GENERATED_SAMPLES = 32  # samples generated when no --data and no --limit is given
@@ -110,7 +113,8 @@ def _cast(name: str, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def check_against_specs(inputs: dict[str, np.ndarray], specs: list[InputSpec], source: str) -> dict[str, np.ndarray]:
-    """Match arrays to model inputs by name, rank and static dims (the first axis is the sample axis)."""
+    """Match arrays to model inputs by name, rank and static dims (the first axis is the sample axis); every array
+    must have samples and, when it is float, only finite values."""
     missing = [s.name for s in specs if s.name not in inputs]
     if missing:
         raise DataError(f"{source}: no array for model input(s) {', '.join(missing)}; it has "
@@ -120,6 +124,9 @@ def check_against_specs(inputs: dict[str, np.ndarray], specs: list[InputSpec], s
     counts = set()
     for spec in specs:
         arr = np.asarray(inputs[spec.name])
+        if arr.ndim == 0:
+            raise DataError(f"{source}: array '{spec.name}' is a 0-d scalar; it needs a first axis of samples "
+                            f"(the model expects {spec.describe()})")
         if arr.ndim != len(spec.shape):
             raise DataError(f"{source}: array '{spec.name}' has shape {list(arr.shape)} (rank {arr.ndim}); the model "
                             f"expects rank {len(spec.shape)}: {spec.describe()} (first axis = samples)")
@@ -127,7 +134,13 @@ def check_against_specs(inputs: dict[str, np.ndarray], specs: list[InputSpec], s
             if isinstance(want, int) and have != want:
                 raise DataError(f"{source}: array '{spec.name}' has shape {list(arr.shape)}; the model expects "
                                 f"{spec.describe()} (axis {axis}: {have} != {want})")
-        out[spec.name] = _cast(spec.name, arr, spec.dtype)
+        if arr.shape[0] == 0:
+            raise DataError(f"{source}: array '{spec.name}' has no samples (shape {list(arr.shape)})")
+        require_finite(arr, f"{source}: array '{spec.name}'", DataError, "sample")
+        with np.errstate(over="ignore"):
+            out[spec.name] = _cast(spec.name, arr, spec.dtype)
+        if out[spec.name] is not arr:  # float64 values beyond float32's range become inf
+            require_finite(out[spec.name], f"{source}: array '{spec.name}' cast to {spec.dtype}", DataError, "sample")
         counts.add(arr.shape[0])
     if len(counts) > 1:
         raise DataError(f"{source}: inputs have different sample counts {sorted(counts)}")
@@ -141,11 +154,15 @@ def _labels(arr: np.ndarray, n: int, source: str, key: str) -> np.ndarray:
     if arr.ndim != 1 or len(arr) != n:
         raise DataError(f"{source}: labels '{key}' must be one class index per sample, shape [{n}]; "
                         f"got {list(arr.shape)}")
+    require_finite(arr, f"{source}: labels '{key}'", DataError, "sample")
     if arr.dtype.kind not in "iu":
         if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
             arr = arr.astype(np.int64)
         else:
             raise DataError(f"{source}: labels '{key}' must be integer class indices, got dtype {arr.dtype}")
+    if arr.size and arr.min() < 0:
+        first = int(np.argmax(arr < 0))
+        raise DataError(f"{source}: labels '{key}' has {arr[first]} at sample {first}; class indices start at 0")
     return arr.astype(np.int64)
 
 
@@ -156,8 +173,8 @@ def load_npz(path: Path, specs: list[InputSpec], labels_key: str = "labels", lim
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    if limit is not None:
-        arrays = {key: arr[:limit] for key, arr in arrays.items()}
+    if limit is not None:  # a 0-d array has no samples to limit: check_against_specs reports it
+        arrays = {key: arr[:limit] if arr.ndim else arr for key, arr in arrays.items()}
     inputs = check_against_specs({k: v for k, v in arrays.items() if k != labels_key or k in {s.name for s in specs}},
                                  specs, str(path))
     n = len(next(iter(inputs.values())))
@@ -223,6 +240,9 @@ def load_image_folder(path: Path, specs: list[InputSpec], pre: Preprocess, limit
     for name, vec in (("--mean", mean), ("--std", std)):
         if vec.size not in (1, channels):
             raise ConfigError(f"{name} has {vec.size} values; the model's images have {channels} channel(s)")
+    if not np.all(std != 0) or first_nonfinite(np.concatenate([mean, std])) is not None:
+        raise ConfigError(f"--mean and --std must be finite and --std non-zero (got --mean {list(pre.mean)}, "
+                          f"--std {list(pre.std)})")
     images = np.empty((len(files), height, width, channels), dtype=np.float32)
     for i, (file, _) in enumerate(files):
         try:
