@@ -12,13 +12,13 @@ Typical library use::
     onnxprune.save_model(model, "model.pruned.onnx")
 """
 
-from onnxprune.dependency import ChannelGroup, GroupSet
+from onnxprune.channels.groups import ChannelGroup, GroupSet
 from onnxprune.errors import (ConfigError, DataError, InputModelError, OnnxPruneError, OutputError,
                               ProviderUnavailable, ValidationFailed)
 from onnxprune.graph.io import LoadedModel, from_proto, load_model, save_model
 from onnxprune.pipeline import PruneOptions, PruneReport, find_groups, prune_file, prune_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan, plan_channels
-from onnxprune.stats import model_stats
+from onnxprune.graph.stats import model_stats
 
 __all__ = [
     "ChannelGroup", "ChannelPlan", "ConfigError", "DataError", "GroupSet", "InputModelError", "LoadedModel",

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxprune.calibration import collect_moments
+from onnxprune.data.probe import collect_moments
 from onnxprune.channels import Dim
-from onnxprune.dependency import GroupSet, build_groups
+from onnxprune.channels.groups import GroupSet, build_groups
 from onnxprune.errors import ConfigError, OutputError
 from onnxprune.graph.check import check_input_model
 from onnxprune.graph.fold import fold_constant_subgraphs
@@ -22,9 +22,9 @@ from onnxprune.graph.io import INLINE_LIMIT_BYTES, LoadedModel, default_output_p
 from onnxprune.prune.structured import ChannelPlan, apply_plan, cpu_block, plan_channels
 from onnxprune.prune.verify import feed_shapes, in_memory, masked_model, random_values, relative_difference, run
 from onnxprune.prune.unstructured import UnstructuredResult, find_weights, prune_unstructured, to_sparse_storage
-from onnxprune.reconstruction import recon_scores
-from onnxprune.recover import RecoveryResult, Reselect, output_error, recover
-from onnxprune.stats import ModelStats, check_input_shapes, model_stats, static_input_shapes
+from onnxprune.importance.recon import recon_scores
+from onnxprune.recovery.recover import RecoveryResult, Reselect, output_error, recover
+from onnxprune.graph.stats import ModelStats, check_input_shapes, model_stats, static_input_shapes
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 from onnxprune.errors import OutputError
 from onnxprune.formatting import human, table as _table
 from onnxprune.pipeline import PruneReport
-from onnxprune.stats import ModelStats
+from onnxprune.graph.stats import ModelStats
 
 
 def _ratio(after: int | None, before: int | None) -> str:

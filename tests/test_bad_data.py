@@ -16,12 +16,12 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxprune.calibration import Probe
+from onnxprune.data.probe import Probe
 from onnxprune.errors import DataError
 from onnxprune.finite import first_nonfinite
 from onnxprune.graph.io import from_proto, load_model
 from onnxprune.pipeline import PruneOptions, prune_model
-from onnxprune.recover import _output_error
+from onnxprune.recovery.recover import _output_error
 from onnxprune.validate import ValidateOptions, load_dataset
 
 from conftest import MANIFEST, MODELS
@@ -176,7 +176,7 @@ def _digits(tmp_path: Path) -> tuple:
 
 
 def test_nonfinite_recon_scores_raise(tmp_path, monkeypatch):
-    import onnxprune.reconstruction as reconstruction
+    import onnxprune.importance.recon as reconstruction
 
     monkeypatch.setattr(reconstruction._Consumer, "costs", lambda self, channels: np.full(len(channels), np.nan))
     model, calib = _digits(tmp_path)
@@ -189,7 +189,7 @@ def test_nonfinite_recon_scores_raise(tmp_path, monkeypatch):
 def test_nonfinite_fit_is_dropped_and_said(tmp_path, monkeypatch, solver, fragment):
     """A fit with NaN is never used: its layer keeps its weights, a note says so, and the output error stays a
     number (formerly: "lsq kept: output error nan")."""
-    import onnxprune.recover as recover
+    import onnxprune.recovery.recover as recover
 
     real = getattr(recover, solver)
 

@@ -4,7 +4,7 @@ The tool's own oracle (``--verify``) masks the original with the tool's groups a
 fool both. This check reads only the original and the pruned output: it matches every weight of the output to the
 original by name, finds which original indices each shrunk axis kept by comparing values, zeroes the dropped
 entries in the original, and requires the same outputs in onnxruntime. It imports nothing from the tool's channel
-analysis (``onnxprune.dependency``, ``onnxprune.channels``, ``onnxprune.prune.verify``).
+analysis (``onnxprune.channels.groups``, ``onnxprune.channels``, ``onnxprune.prune.verify``).
 
 Why zeroing is exact: a dropped channel's producer rows and bias are zero, so it carries zero (or, after an
 activation such as HardSigmoid, a value that only ever meets another zeroed channel), and every consumer's columns

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 import onnxprune.graph.io as io
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, prune_model
-from onnxprune.prune.obs import Hessian, obs_sweep
+from onnxprune.recovery.obs import Hessian, obs_sweep
 
 from conftest import MODELS
 from test_cli import run_cli

@@ -15,7 +15,7 @@ from onnxprune.channels import Dim
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, find_groups, prune_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan
-from onnxprune.recover import recover
+from onnxprune.recovery.recover import recover
 
 from conftest import MODELS
 from test_cli import run_cli

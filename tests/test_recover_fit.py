@@ -13,13 +13,13 @@ from onnx import helper, numpy_helper
 from onnxprune.graph.io import from_proto, load_model
 from onnxprune.graph.index import GraphIndex
 from onnxprune.pipeline import PruneOptions, find_groups, prune_channels, prune_model
-from onnxprune.prune.obs import Hessian
+from onnxprune.recovery.obs import Hessian
 from onnxprune.prune.structured import ChannelPlan, apply_plan
-from onnxprune.reconstruction import recon_scores
-from onnxprune.fit_order import fit_order, residual_branch
-from onnxprune.recover import _Recovery, recover
-from onnxprune.weighted_layers import layer_of
-from onnxprune.solvers import one_sided, relu_refit
+from onnxprune.importance.recon import recon_scores
+from onnxprune.recovery.fit_order import fit_order, residual_branch
+from onnxprune.recovery.recover import _Recovery, recover
+from onnxprune.graph.layers import layer_of
+from onnxprune.recovery.solvers import one_sided, relu_refit
 
 from conftest import MODELS
 
@@ -232,9 +232,9 @@ def test_lsq_keeps_whichever_sweep_ends_closer_to_the_original(monkeypatch):
     """With calibration data lsq runs with and without the Relu-aware refinement when the refinement was used, and
     keeps the sweep whose graph outputs are closer to the original's. On the inverted-residual digits CNN at
     --sparsity 0.7 the two differ; the model returned must have the smaller error, and the report must say so."""
-    import onnxprune.recover as recover_module
-    import onnxprune.solvers as solvers
-    from onnxprune.recover import output_error
+    import onnxprune.recovery.recover as recover_module
+    import onnxprune.recovery.solvers as solvers
+    from onnxprune.recovery.recover import output_error
 
     name = MODELS / "digits_mobile.onnx"
     calib = np.load(MODELS / "digits_calib.npz")["input"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-import onnxprune.recover as recover
+import onnxprune.recovery.recover as recover
 from bench_recovery import MODELS, calib_draws, run
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, prune_model

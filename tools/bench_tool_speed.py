@@ -63,7 +63,7 @@ def _stages(model_path: str, out: str, ratio: float) -> list:
     from onnxprune.graph.io import load_model, save_model
     from onnxprune.pipeline import PruneOptions, find_groups
     from onnxprune.prune.structured import apply_plan, cpu_block, plan_channels
-    from onnxprune.stats import model_stats
+    from onnxprune.graph.stats import model_stats
 
     o = PruneOptions(channels=ratio)
     state: dict = {}

@@ -94,7 +94,7 @@ def _stages(model_path: str, out: str, sparsity: float) -> list:
     from onnxprune.graph.index import GraphIndex
     from onnxprune.graph.io import _check_saved, load_model, save_model
     from onnxprune.prune.unstructured import prune_unstructured
-    from onnxprune.stats import model_stats, static_input_shapes
+    from onnxprune.graph.stats import model_stats, static_input_shapes
 
     st: dict = {}
     steps = [

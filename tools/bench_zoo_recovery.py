@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from onnxprune.graph.io import load_model
 from onnxprune.pipeline import PruneOptions, prune_model
-from onnxprune.validate.data import generate, input_specs
+from onnxprune.data.sources import generate, input_specs
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 SKIP = {"digits_resnet", "digits_plain", "digits_mobile"}  # trained: tools/bench_recovery.py measures accuracy on them

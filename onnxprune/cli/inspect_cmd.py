@@ -8,7 +8,7 @@ from onnxprune.cli.options import MODEL_PATH, debug_option, input_shape_option, 
 from onnxprune.graph.check import check_input_model
 from onnxprune.graph.io import load_model
 from onnxprune.report import check_json_target, render_inspect, stats_dict, write_json
-from onnxprune.stats import model_stats
+from onnxprune.graph.stats import model_stats
 
 
 @click.command(name="inspect")

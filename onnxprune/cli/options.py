@@ -45,7 +45,7 @@ class GlobRatioType(click.ParamType):
 
 class ShapeType(click.ParamType):
     """``NAME:1x3x224x224`` static input shapes (ASCII digits: ``int()`` would also take '٣'; range and rank are
-    checked against the model by :func:`onnxprune.stats.check_input_shapes`)."""
+    checked against the model by :func:`onnxprune.graph.stats.check_input_shapes`)."""
 
     name = "name:dims"
 

@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 
 from onnxprune.channels import Dim, lookup
-from onnxprune.dependency import ChannelGroup, GroupSet
+from onnxprune.channels.groups import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex
-from onnxprune.scoring import channel_scores, weight_uses
-from onnxprune.stats import node_macs
+from onnxprune.importance.scoring import channel_scores, weight_uses
+from onnxprune.graph.stats import node_macs
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxprune.dependency import GroupSet
+from onnxprune.channels.groups import GroupSet
 from onnxprune.graph.io import LoadedModel, iter_tensors, uses_external_data
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)

@@ -24,11 +24,11 @@ from onnxprune.cli.options import RatioType
 from onnxprune.errors import ConfigError, DataError
 from onnxprune.graph.check import check_input_model
 from onnxprune.graph.io import LoadedModel, load_model
-from onnxprune.stats import check_input_shapes
-from onnxprune.validate import data as data_mod
+from onnxprune.graph.stats import check_input_shapes
+from onnxprune.data import sources as data_mod
 from onnxprune.validate import providers as prov
 from onnxprune.validate.accuracy import PairResult, TopK, evaluate_pair, run_batch
-from onnxprune.validate.data import Dataset, Preprocess
+from onnxprune.data.sources import Dataset, Preprocess
 from onnxprune.validate.latency import MEMORY_METHOD, measure_pair
 from onnxprune.validate.mobile import check_mobile, export_ort
 from onnxprune.validate.report import SCHEMA, ValidationReport
@@ -176,7 +176,7 @@ def _size(model: LoadedModel, input_shapes: dict[str, list[int]] | None) -> dict
     """Params, MACs per sample (batch 1) and file size. MACs need the lead's stats module; params fall back to
     counting float initializers."""
     try:
-        from onnxprune.stats import model_stats
+        from onnxprune.graph.stats import model_stats
     except ImportError:
         model_stats = None
     if model_stats is not None:

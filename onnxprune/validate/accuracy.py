@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxprune.errors import DataError
-from onnxprune.validate.data import Dataset
+from onnxprune.data.sources import Dataset
 
 
 def is_classification(shape: tuple[int, ...]) -> bool:

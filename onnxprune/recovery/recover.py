@@ -8,7 +8,7 @@
   of a change is re-solved in closed form (ridge least squares) so that, on the pruned model's *own* activations, it
   reproduces the original model's output at that point (He et al. 2017; ThiNet). Zeroed weights stay zero: every
   output row is solved on its own support, or, for layers too wide for that, updated by one OBS sweep
-  (prune/obs.py). With ``--criterion obs`` the zeros are chosen here too, by that sweep. A new solution is kept only
+  (recovery/obs.py). With ``--criterion obs`` the zeros are chosen here too, by that sweep. A new solution is kept only
   if it lowers the layer's calibration error, cross-validated when there are few calibration rows per feature.
 
 Only small statistics are held (per-channel moments, one Gram matrix at a time); activations are requested from
@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.calibration import Moments, Probe
+from onnxprune.data.probe import Moments, Probe
 from onnxprune.channels import Dim
 from onnxprune.errors import ConfigError, DataError, OnnxPruneError
 from onnxprune.finite import first_nonfinite, require_finite
-from onnxprune.fit_order import fit_order, relu_after, residual_branch, sole_use
+from onnxprune.recovery.fit_order import fit_order, relu_after, residual_branch, sole_use
 from onnxprune.graph.index import GraphIndex, Use, attr, node_label
 from onnxprune.graph.io import INLINE_LIMIT_BYTES, LoadedModel
-from onnxprune.prune.obs import Hessian, obs_sweep
-from onnxprune.solvers import EXACT_FLOPS, Normal, one_sided, refit, relu_refit, relu_steps
-from onnxprune.weighted_layers import MAX_ROWS_PER_BATCH, Layer, layer_of
+from onnxprune.recovery.obs import Hessian, obs_sweep
+from onnxprune.recovery.solvers import EXACT_FLOPS, Normal, one_sided, refit, relu_refit, relu_steps
+from onnxprune.graph.layers import MAX_ROWS_PER_BATCH, Layer, layer_of
 
 METHODS = ("none", "bn", "lsq")
 # fewer calibration rows than this many per feature: re-fits are cross-validated (and conv layers sample at least

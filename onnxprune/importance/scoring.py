@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxprune.channels import Dim
-from onnxprune.dependency import ChannelGroup, GroupSet
+from onnxprune.channels.groups import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError, DataError, InputModelError
 from onnxprune.finite import require_finite
 from onnxprune.graph.index import is_weighted

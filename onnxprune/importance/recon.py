@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.calibration import Probe
-from onnxprune.dependency import ChannelGroup, GroupSet
+from onnxprune.data.probe import Probe
+from onnxprune.channels.groups import ChannelGroup, GroupSet
 from onnxprune.errors import DataError, InputModelError
 from onnxprune.finite import require_finite
 from onnxprune.graph.index import attr
-from onnxprune.weighted_layers import MAX_FEATURES, conv_rows
+from onnxprune.graph.layers import MAX_FEATURES, conv_rows
 
 DAMP = 0.01
 GREEDY_LIMIT = 256  # larger groups are scored in one pass (each channel's cost alone), not in greedy order

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxprune.prune.obs import Hessian, obs_sweep
+from onnxprune.recovery.obs import Hessian, obs_sweep
 
 EXACT_FLOPS = 3e9  # per-output exact solves above this cost are replaced by the one-pass OBS update
 RELU_FLOPS = 3e11  # budget of a layer's Relu-aware refinement (fewer than 3 steps affordable: plain lsq only)

@@ -1,0 +1,1 @@
+"""Data: calibration and validation inputs (npz, image folders, preprocessing) and the activation probe."""

@@ -1,0 +1,1 @@
+"""Importance: how much each channel or weight matters, one criterion per module."""

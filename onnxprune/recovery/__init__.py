@@ -1,0 +1,1 @@
+"""Recovery without training: re-fitting what pruning changed on calibration data."""
