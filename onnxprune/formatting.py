@@ -13,10 +13,12 @@ def human(n: int | float | None) -> str:
     return str(n)
 
 
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain left-aligned text table with a rule under the header."""
+def table(headers: list[str], rows: list[list[str]], indent: str = "") -> str:
+    """A plain left-aligned text table with a rule under the header, each line prefixed by ``indent`` (no trailing
+    spaces: an empty last column leaves none)."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+
+    def line(cells: list[str]) -> str:
+        return (indent + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(row) for row in rows)])

@@ -22,7 +22,7 @@ from onnxprune.finite import first_nonfinite
 from onnxprune.graph.io import from_proto, load_model
 from onnxprune.pipeline import PruneOptions, prune_model
 from onnxprune.recovery.recover import _output_error
-from onnxprune.validate import ValidateOptions, load_dataset
+from onnxprune.data.loader import DataOptions, load_data
 
 from conftest import MANIFEST, MODELS
 from cli_support import run_main
@@ -117,7 +117,7 @@ def test_bad_labels_name_the_sample(tmp_path):
                              (np.array([0, 1, 2, 3, -4, 5, 6, 7]), "labels 'labels' has -4 at sample 4")):
         np.savez(tmp_path / "l.npz", input=x, labels=labels)
         with pytest.raises(DataError, match=fragment):
-            load_dataset(model, ValidateOptions(data=str(tmp_path / "l.npz")), None, 4)
+            load_data(model, DataOptions(path=str(tmp_path / "l.npz")), None)
 
 
 def test_float64_beyond_float32_is_inf_after_the_cast(tmp_path):
@@ -125,8 +125,7 @@ def test_float64_beyond_float32_is_inf_after_the_cast(tmp_path):
     x[2, 0, 0, 0] = 1e300
     np.savez(tmp_path / "big.npz", input=x)
     with pytest.raises(DataError, match="'input' cast to float32 has inf at sample 2"):
-        load_dataset(load_model(MODELS / "digits_resnet.onnx"), ValidateOptions(data=str(tmp_path / "big.npz")),
-                     None, 4)
+        load_data(load_model(MODELS / "digits_resnet.onnx"), DataOptions(path=str(tmp_path / "big.npz")), None)
 
 
 def test_first_nonfinite():
@@ -189,7 +188,7 @@ def test_nonfinite_recon_scores_raise(tmp_path, monkeypatch):
 def test_nonfinite_fit_is_dropped_and_said(tmp_path, monkeypatch, solver, fragment):
     """A fit with NaN is never used: its layer keeps its weights, a note says so, and the output error stays a
     number (formerly: "lsq kept: output error nan")."""
-    import onnxprune.recovery.recover as recover
+    import onnxprune.recovery.lsq as recover
 
     real = getattr(recover, solver)
 

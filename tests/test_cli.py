@@ -147,7 +147,7 @@ def test_verify_catches_a_wrong_removal_and_writes_nothing(model_copy, tmp_path,
                    for gid, ids in plan.remove.items()}
         return apply_plan(groups, ChannelPlan(shifted))
 
-    monkeypatch.setattr(pipeline, "apply_plan", wrong_apply)
+    monkeypatch.setattr("onnxprune.passes.channels.apply_plan", wrong_apply)
     path = model_copy("resnet_bn.onnx")
     before = snapshot(tmp_path)
     code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--verify"])

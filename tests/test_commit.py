@@ -101,13 +101,13 @@ def test_interrupt_before_the_commit_leaves_nothing(tmp_path, monkeypatch, exter
     def interrupt(*args, **kwargs):
         raise signal_like(28, "No space left on device") if signal_like is OSError else signal_like()
 
-    import onnxprune.pipeline as pipeline
+    import onnxprune.passes.prepare as prepare
 
     if where == "pruning" and signal_like is OSError:  # disk full while streaming weights or writing the model
         fdopen = os.fdopen
         monkeypatch.setattr(io.os, "fdopen", lambda fd, mode: _DiskFull(fdopen(fd, mode)))
     elif where == "pruning":
-        monkeypatch.setattr(pipeline, "model_stats", interrupt)
+        monkeypatch.setattr(prepare, "model_stats", interrupt)
     elif where == "check":
         monkeypatch.setattr(io, "_check_saved", interrupt)
     else:
@@ -303,7 +303,10 @@ def test_interrupted_cli_run_leaves_nothing(tmp_path, sig):
     model = _mlp(tmp_path / "m.onnx", 1024, 4, True)
     proc = subprocess.Popen(_command(model, ["--channels", "0.3", "--round-to", "1"]), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    deadline = time.perf_counter() + 60  # signal once the run is writing (its handlers are installed by then)
+    while proc.poll() is None and not any(io._RUN_DATA.match(n) for n in os.listdir(tmp_path)):
+        assert time.perf_counter() < deadline
+        time.sleep(0.005)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 0:

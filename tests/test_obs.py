@@ -179,7 +179,7 @@ def test_external_data_models_are_recovered_in_memory(tmp_path):
 
 
 def test_models_too_big_to_hold_skip_recovery_and_say_so(tmp_path, monkeypatch):
-    monkeypatch.setattr("onnxprune.pipeline.INLINE_LIMIT_BYTES", 1000)  # as if the model were over 1.8 GB
+    monkeypatch.setattr("onnxprune.graph.io.INLINE_LIMIT_BYTES", 1000)  # as if the model were over 1.8 GB
     np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
     for args, criterion in ((["--channels", "0.3"], "recon for channels"), (["--sparsity", "0.5"], "wanda for weights")):
         out = tmp_path / "out.onnx"

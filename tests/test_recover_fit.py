@@ -17,7 +17,7 @@ from onnxprune.recovery.obs import Hessian
 from onnxprune.prune.structured import ChannelPlan, apply_plan
 from onnxprune.importance.recon import recon_scores
 from onnxprune.recovery.fit_order import fit_order, residual_branch
-from onnxprune.recovery.recover import _Recovery, recover
+from onnxprune.recovery.recover import Recovery, recover
 from onnxprune.graph.layers import layer_of
 from onnxprune.recovery.solvers import one_sided, relu_refit
 
@@ -80,7 +80,7 @@ def test_relu_floor_is_where_batchnorm_gives_zero_with_the_sign_of_gamma():
              helper.make_node("Relu", ["n"], ["y"])]
     proto = _model(nodes, inits, [None, 3, 5, 5], "y", [None, c, 5, 5])
     model = from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
-    job = _Recovery(proto, model, {}, _batches((8, 3, 5, 5), 1), set(), 0.01, {})
+    job = Recovery(proto, model, {}, _batches((8, 3, 5, 5), 1), set(), 0.01, {})
     conv = model.proto.graph.node[0]
     (_, target, floor), = list(job.targets(conv, layer_of(job.index, conv)))
     sign = job.floor_sign(conv).reshape(1, -1, 1, 1)
@@ -103,7 +103,7 @@ def test_relu_floor_of_aresidual_branch_is_where_the_sum_is_zero():
     proto = _model(nodes, inits, [None, c, 5, 5], "y", [None, c, 5, 5])
     model = from_proto(onnx.ModelProto.FromString(proto.SerializeToString()))
     batch = _batches((8, c, 5, 5), 1)
-    job = _Recovery(proto, model, {}, batch, set(), 0.01, {})
+    job = Recovery(proto, model, {}, batch, set(), 0.01, {})
     conv = model.proto.graph.node[0]
     (_, target, floor), = list(job.targets(conv, layer_of(job.index, conv)))
     sign = job.floor_sign(conv).reshape(1, -1, 1, 1)
@@ -184,7 +184,7 @@ def test_projection_shortcut_is_fitted_before_the_wider_branch(short_first):
     nodes = {n.name: n for n in index.graph.node}
     assert residual_branch(index, nodes["branch"]) is not None  # the 3x3 conv absorbs the shortcut's error
     assert residual_branch(index, nodes["short"]) is None  # the 1x1 conv is fitted to its own output
-    order = [n.name for n in fit_order(index, "lsq")]
+    order = [n.name for n in fit_order(index, shortcut_first=True)]
     assert order.index("short") < order.index("branch")
 
 
@@ -232,7 +232,7 @@ def test_lsq_keeps_whichever_sweep_ends_closer_to_the_original(monkeypatch):
     """With calibration data lsq runs with and without the Relu-aware refinement when the refinement was used, and
     keeps the sweep whose graph outputs are closer to the original's. On the inverted-residual digits CNN at
     --sparsity 0.7 the two differ; the model returned must have the smaller error, and the report must say so."""
-    import onnxprune.recovery.recover as recover_module
+    import onnxprune.recovery.lsq as lsq
     import onnxprune.recovery.solvers as solvers
     from onnxprune.recovery.recover import output_error
 
@@ -248,7 +248,7 @@ def test_lsq_keeps_whichever_sweep_ends_closer_to_the_original(monkeypatch):
     both, measured, notes = run()
     assert both == pytest.approx(measured, rel=1e-3)  # the reported error is the returned model's
     with monkeypatch.context() as patch:
-        patch.setattr(recover_module, "_compare_plain", lambda *args: None)
+        patch.setattr(lsq, "_compare_plain", lambda *args: None)
         refined = run()[1]
     with monkeypatch.context() as patch:
         patch.setattr(solvers, "RELU_FLOPS", 0)

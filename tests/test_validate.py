@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
+from onnxprune.data.loader import DataOptions, load_data
+from onnxprune.data.sources import Preprocess
 from onnxprune.errors import ConfigError, DataError, ProviderUnavailable, ValidationFailed
-from onnxprune.validate import SCHEMA, ValidateOptions, evaluate_model, load_dataset, run_validation
+from onnxprune.validate import SCHEMA, ValidateOptions, evaluate_model, run_validation
 from onnxprune.validate.accuracy import Agreement
 from onnxprune.validate.providers import resolve
 from cli_support import run_main
@@ -27,7 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "digits_resnet.onnx"
 PLAIN = ROOT / "models" / "digits_plain.onnx"
 VAL = ROOT / "models" / "digits_val.npz"
-FAST = {"runs": 0, "mobile": False}
+FAST = ValidateOptions(runs=0, mobile=False)
+
+
+def fast(path: Path | None = None, limit: int | None = None, batch_size: int | None = None) -> ValidateOptions:
+    """Validation without latency and the mobile check, on ``path`` (None: generated inputs)."""
+    return replace(FAST, data=DataOptions(path=None if path is None else str(path), limit=limit,
+                                          batch_size=batch_size))
 
 
 def main_cli():
@@ -72,7 +81,7 @@ def test_committed_digits_files_are_small_and_trained():
 
 @pytest.mark.parametrize("pruned", [RESNET, PLAIN])
 def test_accuracy_matches_direct_computation(pruned):
-    report = run_validation(RESNET, pruned, data=str(VAL), batch_size=32, **FAST)
+    report = run_validation(RESNET, pruned, fast(VAL, batch_size=32))
     acc = report.accuracy
     top1_o, top5_o = direct_accuracy(RESNET)
     top1_p, top5_p = direct_accuracy(pruned)
@@ -86,7 +95,7 @@ def test_accuracy_matches_direct_computation(pruned):
 
 
 def test_identical_models_agree_perfectly():
-    report = run_validation(RESNET, RESNET, data=str(VAL), batch_size=7, **FAST)
+    report = run_validation(RESNET, RESNET, fast(VAL, batch_size=7))
     out = report.outputs["logits"]
     assert out["cosine_mean"] == 1.0 and out["cosine_min"] == 1.0
     assert out["max_abs_error"] == 0.0 and out["mean_abs_error"] == 0.0
@@ -188,7 +197,7 @@ def test_max_accuracy_drop_exit_code(damaged, tmp_path, capsys):
 
 
 def test_min_agreement_threshold(damaged):
-    report = run_validation(RESNET, damaged, data=str(VAL), min_agreement=0.99, **FAST)
+    report = run_validation(RESNET, damaged, replace(fast(VAL), min_agreement=0.99))
     assert report.outputs["logits"]["top1_agreement"] < 0.99
     with pytest.raises(ValidationFailed, match="min-agreement"):
         report.check_thresholds()
@@ -197,15 +206,15 @@ def test_min_agreement_threshold(damaged):
 
 def test_max_accuracy_drop_without_labels_is_a_config_error():
     with pytest.raises(ConfigError, match="labelled data"):
-        run_validation(RESNET, RESNET, max_accuracy_drop=0.01, limit=4, **FAST)
+        run_validation(RESNET, RESNET, replace(fast(limit=4), max_accuracy_drop=0.01))
 
 
 def test_generated_inputs_without_data():
-    report = run_validation(RESNET, PLAIN, limit=6, batch_size=3, **FAST)
+    report = run_validation(RESNET, PLAIN, fast(limit=6, batch_size=3))
     assert report.accuracy is None and report.data["samples"] == 6 and report.data["source"] == "generated"
     from onnxprune.graph.io import load_model  # the same generated inputs, run through both models directly
 
-    feed = load_dataset(load_model(RESNET), ValidateOptions(limit=6), None, 3).inputs
+    feed = load_data(load_model(RESNET), DataOptions(limit=6, batch_size=3), None).inputs
     argmax = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0].argmax(1)
               for p in (RESNET, PLAIN)]
     assert report.outputs["logits"]["top1_agreement"] == pytest.approx(float(np.mean(argmax[0] == argmax[1])))
@@ -223,10 +232,10 @@ def test_npz_with_wrong_shape_is_a_data_error(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, input=np.zeros((4, 1, 9, 9), np.float32))
     with pytest.raises(DataError, match="axis 2"):
-        run_validation(RESNET, RESNET, data=str(bad), **FAST)
+        run_validation(RESNET, RESNET, fast(bad))
     np.savez(bad, input=np.zeros((4, 8, 8), np.float32))
     with pytest.raises(DataError, match="rank"):
-        run_validation(RESNET, RESNET, data=str(bad), **FAST)
+        run_validation(RESNET, RESNET, fast(bad))
 
 
 def _dynamic_model(path: Path) -> Path:
@@ -243,19 +252,19 @@ def _dynamic_model(path: Path) -> Path:
 def test_dynamic_dim_needs_input_shape(tmp_path):
     model = _dynamic_model(tmp_path / "dyn.onnx")
     with pytest.raises(ConfigError, match="'seq'.*--input-shape x:"):
-        run_validation(model, model, **FAST)
-    report = run_validation(model, model, {"x": [1, 5, 2]}, limit=3, **FAST)
+        run_validation(model, model, FAST)
+    report = run_validation(model, model, fast(limit=3), {"x": [1, 5, 2]})
     assert report.outputs["y"]["shape"] == [5, 2] and report.outputs["y"]["identical"]
     assert report.outputs["y"]["top1_agreement"] is None
     with pytest.raises(ConfigError, match="min-cosine"):
-        run_validation(model, model, {"x": [1, 5, 2]}, limit=3, min_agreement=0.9, **FAST)
+        run_validation(model, model, replace(fast(limit=3), min_agreement=0.9), {"x": [1, 5, 2]})
     with pytest.raises(ConfigError, match="axis 2 is 3"):  # a bad --input-shape is a usage error (exit 2)
-        run_validation(model, model, {"x": [1, 5, 3]}, **FAST)
+        run_validation(model, model, FAST, {"x": [1, 5, 3]})
 
 
 def test_export_ort_writes_into_dir_only(tmp_path):
     out = tmp_path / "ort"
-    report = run_validation(RESNET, PLAIN, limit=2, runs=0, mobile=False, export_ort=str(out))
+    report = run_validation(RESNET, PLAIN, replace(fast(limit=2), export_ort=str(out)))
     names = sorted(p.name for p in out.iterdir())
     assert names == ["digits_plain.ort", "digits_plain.required_operators.config"]
     assert report.ort_export == [str(out / n) for n in names]
@@ -271,10 +280,10 @@ def test_image_folder(tmp_path):
         folder = root / f"class_{label}"
         folder.mkdir(parents=True, exist_ok=True)
         pil.fromarray(np.round(img[0] * 255).astype(np.uint8), mode="L").save(folder / f"{i}.png")
-    opts = ValidateOptions(data=str(root), scale=1 / 255)
+    opts = DataOptions(path=str(root), preprocess=Preprocess(scale=1 / 255))
     from onnxprune.graph.io import load_model
 
-    dataset = load_dataset(load_model(RESNET), opts, None, 1)
+    dataset = load_data(load_model(RESNET), opts, None)
     assert dataset.inputs["input"].shape == (30, 1, 8, 8)
     # the loader walks classes (sorted folder names), then file names: rebuild that order from the source
     order = sorted(range(30), key=lambda i: (f"class_{data['labels'][i]}", f"{i}.png"))
@@ -290,4 +299,4 @@ def test_image_folder_without_pillow(tmp_path, monkeypatch):
     (tmp_path / "a").mkdir()
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(ConfigError, match="Pillow"):
-        run_validation(RESNET, RESNET, data=str(tmp_path), **FAST)
+        run_validation(RESNET, RESNET, fast(tmp_path))

@@ -98,7 +98,7 @@ def test_verify_of_an_unknown_input_name_is_a_usage_error(model_copy, tmp_path, 
 
 @pytest.mark.parametrize("name", BOTH)
 def test_verify_of_a_model_too_big_to_hold_fails(model_copy, tmp_path, monkeypatch, name):
-    monkeypatch.setattr(pipeline, "INLINE_LIMIT_BYTES", 1000)
+    monkeypatch.setattr("onnxprune.graph.io.INLINE_LIMIT_BYTES", 1000)
     path = model_copy(name)
     before = snapshot(tmp_path)
     code, output = run_cli([str(path), "--channels", "0.3", "--verify"])
@@ -131,7 +131,7 @@ def test_verify_catches_one_wrong_weight_and_writes_nothing(model_copy, tmp_path
         model.replace(tensor, values)
         return kept
 
-    monkeypatch.setattr(pipeline, "apply_plan", broken_apply)
+    monkeypatch.setattr("onnxprune.passes.channels.apply_plan", broken_apply)
     path = model_copy(name)
     before = snapshot(tmp_path)
     code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--verify"])

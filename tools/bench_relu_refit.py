@@ -4,12 +4,14 @@ draws. Also how other calibration-side judges (top-1 agreement, KL divergence of
 
     python tools/bench_relu_refit.py [--draws 5]
 
-Measures internals: it switches recover._Recovery's refinement and recover._compare_plain off and on.
+Measures internals: it registers two variants of lsq, with the refinement on and off and no second sweep
+(recovery/registry.py), and prunes with each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import tempfile
@@ -18,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-import onnxprune.recovery.recover as recover
 from bench_recovery import MODELS, calib_draws, run
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, prune_model
+from onnxprune.recovery import registry
+from onnxprune.recovery.lsq import LeastSquares
 
 CONFIGS = [("--channels 0.3", {"channels": 0.3}), ("--channels 0.5", {"channels": 0.5}),
            ("--sparsity 0.7", {"sparsity": 0.7}), ("--sparsity 0.8", {"sparsity": 0.8})]
@@ -33,17 +36,24 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+class OneSweep(LeastSquares):
+    """lsq without the comparison with a plain sweep."""
+
+    def finish(self, result, backup) -> None:
+        pass
+
+
+VARIANTS = {refine: f"lsq-{'refined' if refine else 'plain'}" for refine in (False, True)}
+for _refine, _name in VARIANTS.items():
+    registry.add(dataclasses.replace(registry.get("lsq"), name=_name,
+                                     fitter=functools.partial(OneSweep, relu_aware=_refine)))
+
+
 def prune(name: str, options: dict, calib: Path, refine: bool) -> onnx.ModelProto:
     """One lsq run with the refinement on or off and no second sweep."""
-    original_cls, original_compare = recover._Recovery, recover._compare_plain
-    recover._Recovery = functools.partial(original_cls, relu_aware=refine)
-    recover._compare_plain = lambda *args: None
-    try:
-        model = from_proto(onnx.load(str(MODELS / name)))
-        prune_model(model, PruneOptions(calib=str(calib), round_to=1, **options))
-        return model.proto
-    finally:
-        recover._Recovery, recover._compare_plain = original_cls, original_compare
+    model = from_proto(onnx.load(str(MODELS / name)))
+    prune_model(model, PruneOptions(calib=str(calib), round_to=1, recover=VARIANTS[refine], **options))
+    return model.proto
 
 
 def judges(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-import onnxprune.pipeline as pipeline
+import onnxprune.passes.recover as pipeline  # the Recover pass calls recover() through this module
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, prune_model
 

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 
 from onnxprune.channels import Block, Dim, Link, lookup
-from onnxprune.graph.index import GraphIndex, is_weighted, node_label
+from onnxprune.graph.index import GraphIndex, node_label
+from onnxprune.graph.layers import is_weighted
 
 
 

@@ -7,19 +7,14 @@ import click
 from pathlib import Path
 
 from onnxprune.cli.options import (GLOB_RATIO, MODEL_PATH, PATTERN, RATIO, debug_option, input_shape_option,
-                                   json_option)
+                                   json_option, validate_options)
+from onnxprune import importance
 from onnxprune.errors import ConfigError
 from onnxprune.graph.io import default_output_path
 from onnxprune.pipeline import PruneOptions, prune_file
+from onnxprune.recovery import registry as recovery_methods
 from onnxprune.report import check_json_target, prune_dict, render_prune, write_json
-
-try:
-    from onnxprune.validate import run_validation, validate_options
-except ImportError:  # validation is optional until its package is present
-    run_validation = None
-
-    def validate_options(fn):
-        return fn
+from onnxprune.validate import ValidateOptions, run_validation
 
 
 class RoundToType(click.ParamType):
@@ -47,13 +42,8 @@ class RoundToType(click.ParamType):
               help="N:M sparsity, e.g. 2:4: keep N of every M weights along the reduction axis.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="layer: each group/tensor loses the ratio; global: one ranking across all of them.")
-@click.option("--criterion", type=click.Choice(["auto", "l1", "l2", "bn-scale", "act", "recon", "wanda", "obs"]),
-              default="auto", show_default=True,
-              help="Importance: auto = l1, or with --calib recon (channels) and obs (weights); l1/l2 = weight "
-                   "magnitude; bn-scale = BatchNormalization |scale| (channels); act = l1 x mean |activation| "
-                   "(channels, needs --calib); recon = output lost after re-fitting, greedy OBS (channels, needs "
-                   "--calib); wanda = |w| x input norm (weights, needs --calib); obs = zeros chosen layer by layer "
-                   "while re-fitting, SparseGPT-style OBS (weights, needs --calib and lsq).")
+@click.option("--criterion", type=click.Choice(importance.choices()), default=importance.AUTO, show_default=True,
+              help=importance.help_text())
 @click.option("--group-reduction", "reduction", type=click.Choice(["mean", "sum", "max"]), default="mean",
               show_default=True, help="How a channel's scores over its group members are combined.")
 @click.option("--round-to", type=RoundToType(), default="auto", show_default=True,
@@ -67,12 +57,12 @@ class RoundToType(click.ParamType):
                                                      "(default min(0.9, 2 x --channels)).")
 @click.option("--sparse-storage", is_flag=True, help="Store zeroed weights as sparse initializers when smaller.")
 @click.option("--calib", type=click.Path(exists=False), help="Calibration data (.npz with one array per input, or "
-              "an image folder) for act/wanda scoring and recovery.")
+              "an image folder) for act/wanda scoring and recovery. An image folder is prepared with the same "
+              "--resize/--center-crop/--mean/--std/--scale/--layout as --data.")
 @click.option("--calib-limit", type=click.IntRange(min=1), default=256, show_default=True,
               help="Use at most this many calibration samples.")
-@click.option("--recover", "recover_method", type=click.Choice(["none", "bn", "lsq"]),
-              help="Training-free recovery with --calib: bn (moment matching of BatchNorm statistics / biases) or "
-                   "lsq (least-squares re-fit of each layer). Default with --calib: lsq.")
+@click.option("--recover", "recover_method", type=click.Choice(recovery_methods.names()),
+              help=recovery_methods.cli_help())
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Remove the channels in N equal rounds, recovering after each (with --calib).")
 @click.option("--verify", is_flag=True, help="Prove the channel removal: compare the result with the original "
@@ -87,7 +77,7 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                   round_to: int | None, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
                   recover_method: str | None, steps: int, verify: bool, do_validate: bool, input_shapes,
-                  json_path: str | None, debug: bool, **validation) -> None:
+                  json_path: str | None, debug: bool, validation: ValidateOptions) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
     if channels is None and sparsity is None and pattern is None:
         raise ConfigError("nothing to do: give --channels, --sparsity or --pattern")
@@ -102,15 +92,14 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                            exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
                            input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
-                           recover=recover_method, verify=verify, steps=steps)
+                           recover=recover_method, verify=verify, steps=steps,
+                           preprocess=validation.data.preprocess)
     report = prune_file(model, output, options)
     click.echo(render_prune(report))
     data = prune_dict(report)
     validation_report = None
     if do_validate:
-        if run_validation is None:
-            raise ConfigError("--validate needs the onnxprune.validate package, which is not installed")
-        validation_report = run_validation(model, report.output, dict(input_shapes), **validation)
+        validation_report = run_validation(model, report.output, validation, dict(input_shapes))
         click.echo(validation_report.render())
         data["validation"] = validation_report.to_dict()
     if json_path:

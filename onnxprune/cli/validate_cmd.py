@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import click
 
-from onnxprune.cli.options import MODEL_PATH, debug_option, input_shape_option, json_option
+from onnxprune.cli.options import MODEL_PATH, debug_option, input_shape_option, json_option, validate_options
 from onnxprune.report import check_json_target, write_json
-from onnxprune.validate import run_validation, validate_options
+from onnxprune.validate import ValidateOptions, run_validation
 
 
 @click.command(name="validate")
@@ -20,8 +20,8 @@ from onnxprune.validate import run_validation, validate_options
 @input_shape_option
 @json_option
 @debug_option
-def validate_command(original: str, pruned: str, input_shapes, json_path: str | None, debug: bool,
-                     **options) -> None:
+def validate_command(original: str, pruned: str, validation: ValidateOptions, input_shapes,
+                     json_path: str | None, debug: bool) -> None:
     """Compare PRUNED against ORIGINAL on the same data: accuracy (with labels), output agreement, interleaved
     latency per execution provider, parameters/MACs/file size and onnxruntime's mobile usability check.
 
@@ -30,7 +30,7 @@ def validate_command(original: str, pruned: str, input_shapes, json_path: str | 
     """
     if json_path:
         check_json_target(json_path, [original, pruned])  # before the (long) validation run
-    report = run_validation(original, pruned, dict(input_shapes), progress=True, **options)
+    report = run_validation(original, pruned, validation, dict(input_shapes))
     click.echo(report.render())
     if json_path:
         write_json(report.to_dict(), json_path, [original, pruned])

@@ -1,4 +1,4 @@
-"""Validation data: an ``.npz``, a folder of class-labelled images, or generated inputs.
+"""Data sources for calibration and validation: an ``.npz``, a folder of class-labelled images, or generated inputs.
 
 Why one module: every source ends as the same :class:`Dataset` (one array per model input, first axis = samples,
 optional labels), checked against the model's input specs up front, so a mismatch is a clear :class:`DataError`

@@ -7,16 +7,21 @@ The judges are the same two the output must pass (see ``graph.io.save_model``): 
 optimisations disabled (what the tool itself runs). onnx's checker does not know the contrib ops onnxruntime
 implements (``com.microsoft`` FusedConv, Attention, SkipLayerNormalization of fused transformer graphs): when its only
 objection is an unknown op or domain and the model imports a domain outside ONNX, onnxruntime alone decides.
+
+Nodes out of topological order are put in order first (:func:`sort_nodes`): onnxruntime runs such graphs, only the
+checker wants the order, and a sorted copy is as valid a model. A cycle is left as it is, for the judges to refuse.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 
 import onnx
 
 from onnxprune.errors import InputModelError
-from onnxprune.graph.io import LoadedModel
+from onnxprune.graph.index import subgraph_reads, without_weights
+from onnxprune.graph.io import LoadedModel, iter_tensors, uses_external_data
 
 ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})
 _UNKNOWN_OP = re.compile(r"No Op registered|No opset import for domain|not a registered function/op|"
@@ -41,18 +46,52 @@ def _imports_custom_domain(proto: onnx.ModelProto) -> bool:
     return any(o.domain not in ONNX_DOMAINS for o in proto.opset_import)
 
 
-def model_problem(proto: onnx.ModelProto, path: str | None) -> str | None:
+def sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put the nodes of ``graph`` in topological order, moving as few as possible (Kahn's algorithm, always taking
+    the earliest ready node); returns whether the order changed. A node depends on the producers of its inputs and
+    of the outer names its subgraphs read. A graph with a cycle is left unchanged."""
+    nodes = list(graph.node)
+    producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
+    needs = [{producer[n] for n in [*node.input, *subgraph_reads(node)] if n in producer} - {k}
+             for k, node in enumerate(nodes)]
+    if all(k > max(deps, default=-1) for k, deps in enumerate(needs)):
+        return False
+    users: list[list[int]] = [[] for _ in nodes]
+    for k, deps in enumerate(needs):
+        for d in deps:
+            users[d].append(k)
+    waiting = [len(deps) for deps in needs]
+    ready = [k for k, n in enumerate(waiting) if n == 0]
+    order: list[int] = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for user in users[k]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) < len(nodes):  # a cycle: no order exists
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes[k] for k in order)
+    return True
+
+
+def model_problem(proto: onnx.ModelProto, path: str | None, checker_in_memory: bool = False) -> str | None:
     """What is wrong with the model according to the checker and onnxruntime, or None when both accept it.
 
     Args:
         proto: the model as loaded (external data not read).
         path: its file; both judges then read it there, which is the only way they find external data (it lives
             beside the model). Without a path the proto is checked in memory.
+        checker_in_memory: the checker judges ``proto`` even with a path (its nodes were sorted after loading;
+            onnxruntime still reads the file, which it runs in any order).
     """
     full = len(proto.graph.sparse_initializer) == 0  # the full check cannot type sparse initializers
     checker_problem = None
     try:
-        onnx.checker.check_model(path if path is not None else proto, full_check=full)
+        onnx.checker.check_model(path if path is not None and not checker_in_memory else _checkable(proto),
+                                 full_check=full)
     except Exception as exc:  # checker and shape inference raise their own types (ValidationError, InferenceError)
         if not (_UNKNOWN_OP.search(str(exc)) and _imports_custom_domain(proto)):
             checker_problem = short_message(exc)
@@ -60,6 +99,13 @@ def model_problem(proto: onnx.ModelProto, path: str | None) -> str | None:
     # both reject: onnxruntime says it more plainly ("the graph is not acyclic" where the checker sees an unsorted
     # graph); an unsorted but acyclic graph is accepted by onnxruntime only, and is still invalid ONNX
     return runtime_problem or checker_problem
+
+
+def _checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` as the checker can judge it from memory: it would look for external data relative to the working
+    directory, so a model with external data is judged with its large weights as typed graph inputs (their files
+    were checked when it was loaded, and onnxruntime reads them)."""
+    return without_weights(proto) if any(uses_external_data(t) for t in iter_tensors(proto)) else proto
 
 
 def _runtime_problem(proto: onnx.ModelProto, path: str | None) -> str | None:
@@ -79,13 +125,18 @@ def _runtime_problem(proto: onnx.ModelProto, path: str | None) -> str | None:
     return None
 
 
-def check_input_model(model: LoadedModel) -> None:
+def check_input_model(model: LoadedModel) -> bool:
     """Refuse an input that onnx's checker or onnxruntime rejects (a cycle, an undefined input, an unknown op or
-    domain, an unsupported opset, an output nothing produces, ...).
+    domain, an unsupported opset, an output nothing produces, ...), after putting its nodes in order.
+
+    Returns:
+        Whether the nodes were out of order and were sorted (in ``model.proto``; the output is written sorted).
 
     Raises:
         InputModelError: with the judge's message, shortened to one line (:func:`short_message`).
     """
-    problem = model_problem(model.proto, str(model.path) if model.path is not None else None)
+    reordered = sort_nodes(model.proto.graph)
+    problem = model_problem(model.proto, str(model.path) if model.path is not None else None, reordered)
     if problem is not None:
         raise InputModelError(f"{model.path or 'model'}: not a valid ONNX model: {problem}")
+    return reordered

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnxprune.graph.index import GraphIndex
@@ -43,12 +42,11 @@ def _evaluate(node: onnx.NodeProto, inputs: list[np.ndarray], opset: int) -> lis
 def fold_constant_subgraphs(index: GraphIndex) -> int:
     """Replace every node computable from constants alone by initializers; returns how many nodes were folded.
 
-    The index's graph is edited in place; build a new :class:`GraphIndex` afterwards.
-    """
-    graph = index.graph
+    The graph is edited through ``index``, which stays true; shapes are inferred again, since some may be known
+    only now that values computed at run time are constants."""
     values: dict[str, np.ndarray] = {}
     folded: list[onnx.NodeProto] = []
-    for node in graph.node:
+    for node in index.graph.node:
         if node.op_type in NEVER_FOLD or node.domain not in ("", "ai.onnx") or any(
                 a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             continue
@@ -72,13 +70,10 @@ def fold_constant_subgraphs(index: GraphIndex) -> int:
             folded.append(node)
     if not folded:
         return 0
-    needed = {n for node in graph.node if node not in folded for n in node.input} | {o.name for o in graph.output}
-    for node in folded:
-        graph.node.remove(node)
+    index.remove_nodes(folded)
     for name, value in values.items():
-        if name in needed:
-            graph.initializer.append(numpy_helper.from_array(value, name))
-    keep = [vi for vi in graph.value_info if vi.name not in values]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)
+        if index.consumers_of(name) or name in index.graph_outputs:
+            index.add_initializer(name, value)
+    index.drop_value_info(set(values))
+    index.infer_shapes()
     return len(folded)

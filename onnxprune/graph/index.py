@@ -1,11 +1,19 @@
-"""A read-mostly view of a graph: who produces and consumes each tensor, constant values, inferred shapes.
+"""The live graph: who produces and consumes each tensor, constant values and shapes, kept true under edits.
 
 Weights may be initializers or ``Constant`` nodes (Paddle, Caffe2 and some TF exporters use the latter); this index
 makes the two look alike, so that no rule has to care where a weight lives.
+
+It is built once per run: every change to the graph goes through its edit methods (``set_input``,
+``set_constant``, ``set_input_value``, ``add_initializer``, ``remove_initializer``, ``remove_nodes``, ``set_size``,
+...), which update the graph proto and the maps together, so no caller rebuilds it or patches its dicts. It stays on
+the onnx protobuf instead of onnx-graphsurgeon or onnx-ir: measured with ``tools/bench_graph_libs.py``, both cost
+more time and memory per load and save than protobuf, and this tool reads and streams external data lazily through
+``graph.io``, which neither would keep.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,12 +36,13 @@ class Use:
     index: int
 
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def is_weighted(node: onnx.NodeProto) -> bool:
-    """A layer with (usually constant) weights: what produces and consumes channels, and what has MACs."""
-    return node.op_type in WEIGHTED_OPS and node.domain in ("", "ai.onnx")
+def __getattr__(name: str):
+    """``is_weighted`` and ``WEIGHTED_OPS`` moved to graph/layers.py (the table of weighted-layer kinds); kept
+    importable from here, resolved on first use because layers.py imports this module."""
+    if name in ("is_weighted", "WEIGHTED_OPS"):
+        from onnxprune.graph import layers
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -63,6 +72,16 @@ def _constant_node_value(node: onnx.NodeProto, model: LoadedModel) -> np.ndarray
     return None
 
 
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the node's subgraphs (If branches, Loop and Scan bodies) read from the enclosing graph: dependencies
+    of the node as real as its inputs."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            names |= _subgraph_outer_names(sub)
+    return names
+
+
 def _subgraph_outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a subgraph reads from enclosing scopes (not defined inside it)."""
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
@@ -78,10 +97,11 @@ def _subgraph_outer_names(graph: onnx.GraphProto) -> set[str]:
 
 
 class GraphIndex:
-    """Producers, consumers, constants and shapes of the main graph of a model.
+    """Producers, consumers, constants and shapes of the main graph of a model, kept true under edits.
 
     Args:
-        model: the loaded model (not modified).
+        model: the loaded model; building the index does not change it, and changes made through the index's edit
+            methods keep the index true (changes made around it do not).
         input_shapes: optional static shapes for graph inputs, e.g. ``{"x": [1, 3, 224, 224]}``; dynamic dims
             that are not given stay unknown.
         infer: run shape inference (callers that only need producers and constants skip it).
@@ -90,6 +110,8 @@ class GraphIndex:
     def __init__(self, model: LoadedModel, input_shapes: dict[str, list[int]] | None = None,
                  infer: bool = True) -> None:
         self.model = model
+        self._input_shapes = input_shapes or {}
+        self._infer = infer
         graph = model.proto.graph
         self.graph = graph
         self.opset = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -110,13 +132,15 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in graph.output}
         self.subgraph_users: dict[str, onnx.NodeProto] = {}
         for node in graph.node:
-            for a in node.attribute:
-                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-                for sub in subs:
-                    for name in _subgraph_outer_names(sub):
-                        self.subgraph_users.setdefault(name, node)
+            for name in subgraph_reads(node):
+                self.subgraph_users.setdefault(name, node)
         self._values: dict[str, np.ndarray] = {}
-        self.shapes, self.dtypes = _infer_shapes(model.proto, input_shapes or {}) if infer else ({}, {})
+        self.infer_shapes()
+
+    def infer_shapes(self) -> None:
+        """(Re-)infer the shapes of every tensor (skipped when built with ``infer=False``). The constructor runs it;
+        after folding, shapes computed from what were run-time constants may become known, so folding runs it too."""
+        self.shapes, self.dtypes = _infer_shapes(self.model.proto, self._input_shapes) if self._infer else ({}, {})
         for name, tensor in self.initializers.items():
             self.shapes[name] = list(tensor.dims)
             self.dtypes[name] = tensor.data_type
@@ -247,13 +271,176 @@ class GraphIndex:
         return self.consumers.get(name, [])
 
     def forget_value(self, name: str) -> None:
-        """Drop a cached constant after it was rewritten."""
+        """Drop a cached constant after it was rewritten (callers that change a tensor through ``set_constant``
+        need not)."""
         self._values.pop(name, None)
+
+    # -- edits: every change to the graph goes through these, so that the maps above stay true -------------------
+
+    def fresh_name(self, base: str, numbered: bool = False) -> str:
+        """A tensor name nothing in the graph uses: ``base`` itself if free, else ``base1``, ``base2``, ...
+        (``numbered``: ``base0``, ``base1``, ...)."""
+        numbers = (f"{base}{k}" for k in itertools.count(0 if numbered else 1))
+        return next(n for n in itertools.chain([] if numbered else [base], numbers) if not self._taken(n))
+
+    def _taken(self, name: str) -> bool:
+        return any(name in names for names in (self.initializers, self.producer, self.consumers, self.graph_inputs,
+                                               self.graph_outputs, self.shapes, self.subgraph_users))
+
+    def set_input(self, node: onnx.NodeProto, slot: int, name: str) -> None:
+        """Make ``node.input[slot]`` read ``name`` ("" leaves an optional input out); missing slots before it are
+        added empty, so this also gives a node a new optional input (a bias)."""
+        while len(node.input) <= slot:
+            node.input.append("")
+        old = node.input[slot]
+        if old == name:
+            return
+        if old:
+            self._drop_use(old, node, slot)
+        node.input[slot] = name
+        if name:
+            self._add_use(name, Use(node, slot))
+
+    def set_constant(self, name: str, value: np.ndarray) -> None:
+        """New values, of any shape, for an initializer or the output of a Constant node; every reader sees them.
+
+        Initializers go through :meth:`LoadedModel.replace` (which streams large ones of an external-data model to
+        the output); their declaration as a graph input, which models before IR 4 also have, gets the new shape."""
+        tensor = self.const_tensor(name)
+        if tensor is None:  # Constant node with value_floats etc.: store as a tensor attribute
+            node = self.constant_nodes[name]
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(value, name)))
+        else:
+            self.model.replace(tensor, value)
+        self._values.pop(name, None)
+        if name in self.initializers or name in self.shapes:  # a Constant node's shape is known if inferred
+            self.shapes[name] = [int(d) for d in np.shape(value)]
+        if name not in self.initializers:
+            return
+        for declared in self.graph.input:
+            if declared.name == name and declared.type.tensor_type.HasField("shape"):
+                for d, size in zip(declared.type.tensor_type.shape.dim, np.shape(value)):
+                    d.Clear()
+                    d.dim_value = int(size)
+
+    def set_input_value(self, node: onnx.NodeProto, slot: int, value: np.ndarray) -> None:
+        """Give ``node.input[slot]`` a new constant value: in place when only this node reads that constant, else
+        (shared or computed) as a new initializer wired to this slot alone."""
+        name = node.input[slot] if slot < len(node.input) else ""
+        if name and self.is_constant(name) and len(self.consumers_of(name)) <= 1:
+            self.set_constant(name, value)
+            return
+        new = self.fresh_name(f"{name or f'{node.name or node.op_type}_input{slot}'}_pruned", numbered=True)
+        self.set_input(node, slot, self.add_initializer(new, value))
+
+    def add_initializer(self, name: str, value: np.ndarray) -> str:
+        """Add ``value`` as initializer ``name`` (free, or only read so far, e.g. the output of a node just removed
+        by folding); returns the name. Take a new name from :meth:`fresh_name`."""
+        if name in self.initializers or name in self.producer:
+            raise ValueError(f"'{name}' is already defined in the graph")
+        self.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+        tensor = self.graph.initializer[-1]
+        self.initializers[name] = tensor
+        self.graph_inputs.discard(name)
+        self.shapes[name] = list(tensor.dims)
+        self.dtypes[name] = tensor.data_type
+        return name
+
+    def remove_initializer(self, name: str) -> None:
+        """Remove initializer ``name`` from the graph (its readers, if any, are the caller's business)."""
+        tensor = self.initializers.pop(name)
+        _delete(self.graph.initializer, [tensor])
+        self._forget_tensor(name)
+        if any(i.name == name for i in self.graph.input):  # declared as an input too (IR < 4): now a real input
+            self.graph_inputs.add(name)
+
+    def drop_unused_initializers(self) -> int:
+        """Remove initializers no node reads and no graph output is, with their graph-input declarations (IR < 4);
+        returns how many. A graph with subgraphs keeps everything: they may read outer initializers by name."""
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in self.graph.node for a in node.attribute):
+            return 0
+        unused = [name for name in self.initializers if not self.consumers.get(name) and name not in self.graph_outputs]
+        if not unused:
+            return 0
+        _delete(self.graph.initializer, [self.initializers.pop(name) for name in unused])
+        for name in unused:
+            self._forget_tensor(name)
+        gone = set(unused)
+        _delete(self.graph.input, [i for i in self.graph.input if i.name in gone])
+        return len(unused)
+
+    def remove_nodes(self, nodes: list[onnx.NodeProto]) -> None:
+        """Remove ``nodes`` from the graph; what they produced is then defined nowhere until the caller defines it
+        (folding adds initializers of the same names)."""
+        lost: list[str] = []
+        for node in nodes:
+            for slot, name in enumerate(node.input):
+                if name:
+                    self._drop_use(name, node, slot)
+            for name in node.output:
+                if name and name in self.producer and self.producer[name].node is node:
+                    del self.producer[name]
+                    self.constant_nodes.pop(name, None)
+                    self._forget_tensor(name)
+            lost += [n for n, user in self.subgraph_users.items() if user is node]
+        for name in lost:
+            del self.subgraph_users[name]
+        _delete(self.graph.node, nodes)
+        if lost:  # another node's subgraph may read the same outer names
+            for node in self.graph.node:
+                for name in subgraph_reads(node):
+                    self.subgraph_users.setdefault(name, node)
+
+    def set_size(self, name: str, axis: int, size: int) -> None:
+        """Record that axis ``axis`` of run-time tensor ``name`` now has ``size`` entries (after channel removal;
+        constants get their shapes from :meth:`set_constant`)."""
+        shape = self.shapes.get(name)
+        if shape is not None and axis < len(shape):
+            self.shapes[name] = shape[:axis] + [int(size)] + shape[axis + 1:]
+
+    def drop_value_info(self, names: set[str]) -> None:
+        """Drop the graph's recorded shapes (``value_info``) of ``names``: they changed, and onnx re-infers them."""
+        stale = [vi for vi in self.graph.value_info if vi.name in names]
+        if stale:
+            _delete(self.graph.value_info, stale)
+
+    def _forget_tensor(self, name: str) -> None:
+        self._values.pop(name, None)
+        self.shapes.pop(name, None)
+        self.dtypes.pop(name, None)
+
+    def _add_use(self, name: str, use: Use) -> None:
+        """Record a reader of ``name``, in graph order (node, then slot) like the constructor lists them."""
+        uses = self.consumers.setdefault(name, [])
+        if uses:
+            position = {id(n): k for k, n in enumerate(self.graph.node)}
+            uses.append(use)
+            uses.sort(key=lambda u: (position.get(id(u.node), -1), u.index))
+        else:
+            uses.append(use)
+
+    def _drop_use(self, name: str, node: onnx.NodeProto, slot: int) -> None:
+        uses = [u for u in self.consumers.get(name, []) if not (u.node is node and u.index == slot)]
+        if uses:
+            self.consumers[name] = uses
+        else:
+            self.consumers.pop(name, None)
+
+
+def _delete(container, items: list) -> None:
+    """Delete ``items`` (by identity) from a repeated proto field. Deleting by position keeps every other element the
+    same Python object, which the maps hold; rebuilding the field (``del field[:]`` then ``extend``) would copy them
+    and leave the maps pointing at detached copies."""
+    doomed = {id(x) for x in items}
+    for k in reversed([k for k, x in enumerate(container) if id(x) in doomed]):
+        del container[k]
 
 
 def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> tuple[dict, dict]:
     """Static shape inference on a weight-free copy, so large models cost neither time nor memory."""
-    light = _without_weights(proto)
+    light = without_weights(proto)
     for inp in light.graph.input:
         if inp.name in input_shapes:
             dims = inp.type.tensor_type.shape.dim
@@ -277,7 +464,7 @@ def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) ->
     return shapes, dtypes
 
 
-def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every initializer over 64 values replaced by a typed graph input of the same shape (shape
     inference needs only the small ones, which hold shape constants)."""
     out = onnx.ModelProto()

@@ -105,6 +105,12 @@ class LoadedModel:
     _output: Path | None = field(default=None, repr=False)  # the output opened by open_output
 
     @property
+    def fits_in_memory(self) -> bool:
+        """Whether the whole model can be one protobuf message, so onnxruntime can run it from memory (recovery,
+        --verify); larger external-data models stream their changes out instead."""
+        return self.file_size <= INLINE_LIMIT_BYTES
+
+    @property
     def external(self) -> bool:
         """Whether the output keeps weights in a separate data file: the input did, or it would not fit inline."""
         if self._external is None:

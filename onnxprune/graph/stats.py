@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 
 from onnxprune.errors import ConfigError
-from onnxprune.graph.index import GraphIndex, attr, is_weighted, node_label
+from onnxprune.graph.index import GraphIndex, node_label
 from onnxprune.graph.io import LoadedModel, iter_tensors
-from onnxprune.prune.unstructured import FLOAT_TYPES, find_weights
+from onnxprune.graph.layers import FLOAT_TYPES, find_weights, kind_of, node_macs
 
 
 @dataclass
@@ -111,29 +111,6 @@ def static_input_shapes(model: LoadedModel, given: dict[str, list[int]] | None) 
     return shapes
 
 
-def node_macs(index: GraphIndex, node: onnx.NodeProto) -> int | None:
-    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul at the index's static shapes (None if unknown)."""
-    out = index.shape(node.output[0])
-    if out is None or None in out:
-        return None
-    out_elems = int(np.prod(out, dtype=np.int64))
-    if node.op_type == "Conv":
-        w = index.shape(node.input[1])
-        return None if w is None else out_elems * int(np.prod(w[1:], dtype=np.int64))
-    if node.op_type == "ConvTranspose":
-        x, w = index.shape(node.input[0]), index.shape(node.input[1])
-        if x is None or w is None or None in x:
-            return None
-        return int(np.prod(x, dtype=np.int64)) * int(np.prod(w[1:], dtype=np.int64))
-    if node.op_type in ("Gemm", "MatMul"):
-        a = index.shape(node.input[0])
-        if a is None or a[-1] is None:
-            return None
-        k = a[0] if node.op_type == "Gemm" and int(attr(node, "transA", 0)) else a[-1]
-        return out_elems * int(k)
-    return None
-
-
 def model_stats(model: LoadedModel, input_shapes: dict[str, list[int]] | None = None,
                 index: GraphIndex | None = None, zeros: dict[str, int] | None = None) -> ModelStats:
     """Parameters (all float constants), MACs of weighted layers, and per-layer sparsity.
@@ -150,12 +127,14 @@ def model_stats(model: LoadedModel, input_shapes: dict[str, list[int]] | None = 
     layers, total_macs, unknown = [], 0, False
     seen_weight: set[str] = set()
     for node in index.graph.node:
-        if not is_weighted(node):
+        kind = kind_of(node)
+        if kind is None:
             continue
         macs = node_macs(index, node)
         unknown |= macs is None
         total_macs += macs or 0
-        name = next((n for n in node.input[:2] if n in weights), None)
+        name = next((node.input[s] for s in kind.weight_slots if s < len(node.input) and node.input[s] in weights),
+                    None)
         if name is None:
             continue
         shape = tuple(int(d) for d in index.shape(name))

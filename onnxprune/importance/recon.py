@@ -22,6 +22,9 @@ from onnxprune.errors import DataError, InputModelError
 from onnxprune.finite import require_finite
 from onnxprune.graph.index import attr
 from onnxprune.graph.layers import MAX_FEATURES, conv_rows
+from onnxprune.importance.registry import Criterion, Target, register
+from onnxprune.importance.scoring import l1_scores
+from onnxprune.progress import progress
 
 DAMP = 0.01
 GREEDY_LIMIT = 256  # larger groups are scored in one pass (each channel's cost alone), not in greedy order
@@ -154,28 +157,50 @@ def recon_scores(groups: GroupSet, chosen: list[ChannelGroup], proto: onnx.Model
     tensors = [n for node in proto.graph.node for n in node.output if n]
     probe = Probe(proto, tensors, batches, base_dir)
     scores = {}
-    for group in chosen:
-        consumers = _consumers(groups, group, probe)
-        if not consumers:
-            continue
-        if group.size > GREEDY_LIMIT:
-            scores[group.id] = sum(c.costs(list(range(group.size))) for c in consumers)
-            continue
-        alive = list(range(group.size))
-        score = np.zeros(group.size)
-        total = 0.0
-        while len(alive) > 1:
-            costs = sum(c.costs(alive) for c in consumers)
-            pick = alive[int(np.argmin(costs))]
-            total += float(np.min(costs))
-            score[pick] = total  # cumulative: later removals always score higher
-            for c in consumers:
-                c.remove(pick)
-            alive.remove(pick)
-        score[alive[0]] = total + 1.0 + abs(total)
-        scores[group.id] = score
+    with progress(len(chosen), "recon scoring") as advance:
+        for group in chosen:
+            consumers = _consumers(groups, group, probe)
+            if consumers:
+                scores[group.id] = _greedy(group, consumers)
+            advance()
     for group in chosen:
         if group.id in scores:
             require_finite(scores[group.id], f"group '{group.name}': recon score", DataError, "channel",
                            "the reconstruction costs on the calibration data are not finite")
     return scores
+
+
+def _greedy(group: ChannelGroup, consumers: list[_Consumer]) -> np.ndarray:
+    """Each channel's cumulative cost when the greedy order removes it (one pass for groups over GREEDY_LIMIT)."""
+    if group.size > GREEDY_LIMIT:
+        return sum(c.costs(list(range(group.size))) for c in consumers)
+    alive = list(range(group.size))
+    score = np.zeros(group.size)
+    total = 0.0
+    while len(alive) > 1:
+        costs = sum(c.costs(alive) for c in consumers)
+        pick = alive[int(np.argmin(costs))]
+        total += float(np.min(costs))
+        score[pick] = total  # cumulative: later removals always score higher
+        for c in consumers:
+            c.remove(pick)
+        alive.remove(pick)
+    score[alive[0]] = total + 1.0 + abs(total)
+    return score
+
+
+@register
+class Reconstruction(Criterion):
+    """Groups that no layer reads as input (nothing to re-fit) are scored by l1, and the report says so."""
+
+    name = "recon"
+    help = "output lost after re-fitting, greedy OBS"
+    target = Target.CHANNELS
+    needs_data = True
+
+    def score_channels(self, groups, chosen, reduction, batches):
+        model = groups.index.model
+        found = recon_scores(groups, chosen, model.proto, batches, model.base_dir)
+        fallback = "no layer reads this group's channels as input: scored by l1"
+        return {g.id: (found[g.id], None) if g.id in found else (l1_scores(groups, g, reduction)[0], fallback)
+                for g in chosen}

@@ -1,8 +1,9 @@
 """Structured channel removal: choose channels per group, then shrink every member tensor and fix attributes.
 
-Applying a removal is generic: each member dim that is a constant (initializer or Constant node) is sliced by the
-kept indices; op rules with a ``fix`` step then update what depends on channel counts (Conv ``group``, Split sizes,
-Reshape targets, Slice bounds, Resize sizes). Activation shapes are dropped from ``value_info`` and re-inferred.
+Applying a removal is generic: op rules with a ``fix`` step update what depends on channel counts (Conv ``group``,
+Split sizes, Reshape targets, Slice bounds, Resize sizes), reading the graph as it was; then each member dim that is
+a constant (initializer or Constant node) is sliced by the kept indices. Every edit goes through the GraphIndex, which
+afterwards describes the pruned model; ``value_info`` entries of changed tensors are dropped for onnx to re-infer.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from onnxprune.channels import Dim, lookup
 from onnxprune.channels.groups import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex
-from onnxprune.importance.scoring import channel_scores, weight_uses
-from onnxprune.graph.stats import node_macs
+from onnxprune.importance import ChannelScorer, channel_scorer
+from onnxprune.importance.scoring import weight_uses
+from onnxprune.graph.layers import node_macs
 
 
 @dataclass
@@ -59,21 +60,23 @@ def _matches(group: ChannelGroup, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
-def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterion: str = "l1",
+def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterion: str | ChannelScorer = "l1",
                   reduction: str = "mean", round_to: int = 1, exclude: tuple[str, ...] = (),
-                  layer_ratios: tuple[tuple[str, float], ...] = (), max_group_ratio: float | None = None,
-                  activation: dict | None = None, given_scores: dict[int, np.ndarray] | None = None) -> ChannelPlan:
+                  layer_ratios: tuple[tuple[str, float], ...] = (),
+                  max_group_ratio: float | None = None) -> ChannelPlan:
     """Pick the channels to remove from every prunable group.
 
     Args:
         ratio: fraction of each group's channels to remove (layer scope) or of all channels (global scope).
         scope: "layer" (each group loses ``ratio``) or "global" (one ranking of normalised scores; no group loses
             more than ``max_group_ratio``, default min(0.9, 2*ratio)).
+        criterion: a registered criterion's name (one that needs no calibration data; ``auto`` is l1 here), or a
+            scorer from ``importance.channel_scorer`` (any criterion, with its data); it is called once, on the
+            groups that may lose channels.
+        reduction: how a named criterion combines a channel's scores over the group's members.
         round_to: kept counts are rounded to multiples of this (1 = exact).
         exclude: glob patterns of node or tensor names whose groups stay whole.
         layer_ratios: (glob, ratio) overrides; the first matching pattern wins.
-        given_scores: per group id, channel scores computed elsewhere (``--criterion recon``); other groups are
-            scored by l1.
     """
     if not 0 <= ratio < 1:
         raise ConfigError(f"channel ratio must be in [0, 1), got {ratio}")
@@ -81,49 +84,50 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
         raise ConfigError(f"scope must be 'layer' or 'global', got '{scope}'")
     if round_to < 1:
         raise ConfigError(f"--round-to must be a positive integer, got {round_to}")
+    score = channel_scorer(criterion, groups, reduction) if isinstance(criterion, str) else criterion
     plan = ChannelPlan()
-    candidates: list[tuple[ChannelGroup, float, np.ndarray]] = []
+    chosen: list[ChannelGroup] = []
     for group in groups.prunable():
         if any(_matches(group, p) for p in exclude):
             plan.notes[group.id] = "excluded by --exclude"
-            continue
-        group_ratio = next((r for p, r in layer_ratios if _matches(group, p)), ratio)
-        if criterion == "recon":
-            if given_scores is not None and group.id in given_scores:
-                scores, note = given_scores[group.id], None
-            else:
-                scores, note = channel_scores(groups, group, "l1", reduction)
-                note = "no layer reads this group's channels as input: scored by l1"
         else:
-            scores, note = channel_scores(groups, group, criterion, reduction, activation)
+            chosen.append(group)
+    scored = score(chosen) if chosen else {}
+    candidates: list[tuple[ChannelGroup, float, np.ndarray]] = []
+    for group in chosen:
+        scores, note = scored[group.id]
         if note:
             plan.notes[group.id] = note
+        group_ratio = next((r for p, r in layer_ratios if _matches(group, p)), ratio)
         candidates.append((group, group_ratio, scores))
     if scope == "layer":
         targets = {g.id: g.size * (1 - r) if r > 0 else float(g.size) for g, r, _ in candidates}
-        keeps = _budgeted_rounding(groups, [g for g, _, _ in candidates], targets, round_to)
-        for group, _, scores in candidates:
-            _take_lowest(plan, group, scores, group.size - keeps[group.id])
-        _note_rounding(plan, [g for g, _, _ in candidates], targets, keeps, round_to)
-        return plan
+    else:
+        targets = _global_targets(candidates, ratio, max_group_ratio)
+    keeps = _budgeted_rounding(groups, chosen, targets, round_to)
+    for group, _, scores in candidates:
+        _take_lowest(plan, group, scores, group.size - keeps[group.id])
+    _note_rounding(plan, chosen, targets, keeps, round_to)
+    return plan
+
+
+def _global_targets(candidates: list[tuple[ChannelGroup, float, np.ndarray]], ratio: float,
+                    max_group_ratio: float | None) -> dict[int, float]:
+    """Kept counts from one ranking of every channel's score over its group's mean score: the lowest ``ratio`` of
+    all channels go, no group losing more than the cap."""
     cap = max_group_ratio if max_group_ratio is not None else min(0.9, 2 * ratio)
     pool = [(s / (np.mean(scores) or 1.0), g.id, k) for g, _, scores in candidates for k, s in enumerate(scores)]
     pool.sort()
     budget = int(round(ratio * sum(g.size for g, _, _ in candidates)))
-    chosen: dict[int, int] = {}
+    removed: dict[int, int] = {}
     limit = {g.id: g.size - max(1, math.ceil(g.size * (1 - cap))) for g, _, _ in candidates}
     for _, gid, _ in pool:
         if budget <= 0:
             break
-        if chosen.get(gid, 0) < limit[gid]:
-            chosen[gid] = chosen.get(gid, 0) + 1
+        if removed.get(gid, 0) < limit[gid]:
+            removed[gid] = removed.get(gid, 0) + 1
             budget -= 1
-    targets = {g.id: float(g.size - chosen.get(g.id, 0)) for g, _, _ in candidates}
-    keeps = _budgeted_rounding(groups, [g for g, _, _ in candidates], targets, round_to)
-    for group, _, scores in candidates:
-        _take_lowest(plan, group, scores, group.size - keeps[group.id])
-    _note_rounding(plan, [g for g, _, _ in candidates], targets, keeps, round_to)
-    return plan
+    return {g.id: float(g.size - removed.get(g.id, 0)) for g, _, _ in candidates}
 
 
 def _note_rounding(plan: ChannelPlan, chosen: list[ChannelGroup], targets: dict[int, float],
@@ -190,41 +194,6 @@ def _take_lowest(plan: ChannelPlan, group: ChannelGroup, scores: np.ndarray, cou
         plan.remove[group.id] = np.sort(np.argsort(scores, kind="stable")[:count])
 
 
-class _Editor:
-    """Rewrites constant inputs of nodes, copying a constant first when other nodes share it."""
-
-    def __init__(self, index: GraphIndex) -> None:
-        self.index = index
-        self.names = {t.name for t in index.graph.initializer} | {o for n in index.graph.node for o in n.output}
-        self.names |= {i.name for i in index.graph.input}
-
-    def _fresh(self, base: str) -> str:
-        k = 0
-        while f"{base}_pruned{k}" in self.names:
-            k += 1
-        self.names.add(f"{base}_pruned{k}")
-        return f"{base}_pruned{k}"
-
-    def set_input_value(self, node: onnx.NodeProto, index: int, value: np.ndarray) -> None:
-        idx = self.index
-        name = node.input[index] if index < len(node.input) else ""
-        shared = name and len(idx.consumers_of(name)) > 1
-        if name and not shared and name in idx.initializers:
-            idx.model.replace(idx.initializers[name], value)
-        elif name and not shared and name in idx.constant_nodes:
-            const = idx.constant_nodes[name]
-            del const.attribute[:]
-            const.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(value)))
-        else:
-            new = self._fresh(name or f"{node.name or node.op_type}_input{index}")
-            idx.graph.initializer.append(onnx.numpy_helper.from_array(value, new))
-            while len(node.input) <= index:
-                node.input.append("")
-            node.input[index] = new
-            return
-        idx.forget_value(name)
-
-
 def apply_plan(groups: GroupSet, plan: ChannelPlan) -> dict[Dim, np.ndarray]:
     """Remove the planned channels from the model in place; returns the kept indices of every changed dim."""
     removed: dict[Dim, list[np.ndarray]] = {}
@@ -243,19 +212,17 @@ def apply_plan(groups: GroupSet, plan: ChannelPlan) -> dict[Dim, np.ndarray]:
     kept = {dim: np.setdiff1d(np.arange(groups.dim_sizes[dim]), np.concatenate(parts))
             for dim, parts in removed.items()}
     index = groups.index
-    _slice_constants(index, kept)
-    editor = _Editor(index)
-
-    def kept_of(dim: Dim) -> np.ndarray | None:
-        return kept.get(dim)
-
     changed_tensors = {d.tensor for d in kept}
+    # fix steps first, so that they read the graph as it was (channel counts of the original model); the index is
+    # also the ConstantEditor they write through
     for node in list(index.graph.node):
         rule = lookup(node)
-        if rule is not None and rule.fix is not None and changed_tensors.intersection(list(node.input) + list(node.output)):
-            rule.fix(node, index, kept_of, editor)
-    _refresh_value_info(index, changed_tensors)
-    _drop_unused_initializers(index)
+        if rule is not None and rule.fix is not None and changed_tensors.intersection([*node.input, *node.output]):
+            rule.fix(node, index, kept.get, index)
+    _slice_constants(index, kept)
+    _resize_tensors(index, kept)
+    index.drop_value_info(changed_tensors)
+    index.drop_unused_initializers()
     return kept
 
 
@@ -268,39 +235,11 @@ def _slice_constants(index: GraphIndex, kept: dict[Dim, np.ndarray]) -> None:
         value = index.const_value(name)
         for axis, idx in cuts:
             value = np.take(value, idx, axis=axis)
-        tensor = index.const_tensor(name)
-        if tensor is None:  # Constant node with value_floats etc.: store as a tensor attribute
-            node = index.constant_nodes[name]
-            del node.attribute[:]
-            node.attribute.append(onnx.helper.make_attribute("value", onnx.numpy_helper.from_array(value, name)))
-        else:
-            index.model.replace(tensor, value)
-        index.forget_value(name)
-        for declared in index.graph.input:  # IR < 4 models also declare initializers as graph inputs
-            if declared.name == name and declared.type.tensor_type.HasField("shape"):
-                dims = declared.type.tensor_type.shape.dim
-                for d, size in zip(dims, value.shape):
-                    d.Clear()
-                    d.dim_value = int(size)
+        index.set_constant(name, value)
 
 
-def _refresh_value_info(index: GraphIndex, changed: set[str]) -> None:
-    keep = [vi for vi in index.graph.value_info if vi.name not in changed]
-    del index.graph.value_info[:]
-    index.graph.value_info.extend(keep)
-
-
-def _drop_unused_initializers(index: GraphIndex) -> None:
-    used = {name for node in index.graph.node for name in node.input}
-    used |= {o.name for o in index.graph.output}
-    for node in index.graph.node:
-        for a in node.attribute:
-            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                return  # subgraphs may read outer initializers by name: leave everything in place
-    keep = [t for t in index.graph.initializer if t.name in used]
-    if len(keep) != len(index.graph.initializer):
-        del index.graph.initializer[:]
-        index.graph.initializer.extend(keep)
-        graph_inputs = [i for i in index.graph.input if i.name in used or i.name not in index.initializers]
-        del index.graph.input[:]
-        index.graph.input.extend(graph_inputs)
+def _resize_tensors(index: GraphIndex, kept: dict[Dim, np.ndarray]) -> None:
+    """Record the new channel counts of run-time tensors, so the index's shapes describe the pruned model."""
+    for dim, idx in kept.items():
+        if not index.is_constant(dim.tensor):
+            index.set_size(dim.tensor, dim.axis, len(idx))

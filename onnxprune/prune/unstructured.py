@@ -18,29 +18,24 @@ import onnx
 
 from onnxprune.errors import ConfigError, DataError, InputModelError
 from onnxprune.finite import require_finite
-from onnxprune.graph.index import GraphIndex, attr, is_weighted, node_label
+from onnxprune.graph.index import GraphIndex
+from onnxprune.graph.layers import Weight, find_weights
+from onnxprune.importance import Target, registry
 
 NONFINITE_BITS = 0x7F800000  # float32 bit patterns of |x| at or above this are inf or NaN
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-CRITERIA = ("l1", "l2", "wanda")
 
 
 @dataclass
-class WeightInfo:
-    """One prunable weight tensor and what happened to it."""
+class WeightInfo(Weight):
+    """One prunable weight tensor (found by graph.layers.find_weights) and what happened to it."""
 
-    name: str
-    node: str
-    op: str
-    shape: tuple[int, ...]
-    reduction_axis: int
     zeros_before: int = 0
     zeros_after: int = 0
     skipped: str | None = None
 
-    @property
-    def params(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+    @classmethod
+    def of(cls, w: Weight) -> WeightInfo:
+        return cls(w.name, w.node, w.op, w.shape, w.reduction_axis, slot=w.slot)
 
 
 @dataclass
@@ -69,43 +64,6 @@ def parse_pattern(text: str) -> tuple[int, int]:
     if not 0 < n < m:
         raise ConfigError(f"pattern N:M needs 0 < N < M (got '{text}')")
     return n, m
-
-
-def find_weights(index: GraphIndex) -> list[WeightInfo]:
-    """Float constant weights of Conv, ConvTranspose, Gemm and MatMul, each listed once even when shared."""
-    found: dict[str, WeightInfo] = {}
-    for node in index.graph.node:
-        if not is_weighted(node):
-            continue
-        slots = [1] if node.op_type in ("Conv", "ConvTranspose", "Gemm") else [0, 1]
-        for slot in slots:
-            if slot >= len(node.input) or node.input[slot] in found:
-                continue
-            name = node.input[slot]
-            tensor = index.const_tensor(name)
-            if tensor is None or tensor.data_type not in FLOAT_TYPES:
-                continue
-            shape = tuple(int(d) for d in tensor.dims)
-            axis = _reduction_axis(node, slot, len(shape))
-            if axis is None:
-                continue
-            found[name] = WeightInfo(name, node_label(node), node.op_type, shape, axis)
-    return list(found.values())
-
-
-def _reduction_axis(node: onnx.NodeProto, slot: int, rank: int) -> int | None:
-    """The axis summed over by the op (the K of its GEMM): where N:M groups must lie."""
-    if rank == 0:
-        return None
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "ConvTranspose":
-        return 0
-    if node.op_type == "Gemm":
-        return 1 if int(attr(node, "transB", 0)) else 0
-    if rank == 1:
-        return 0
-    return rank - 2 if slot == 1 else rank - 1
 
 
 def _scores(values: np.ndarray, axis: int, scale: np.ndarray | None) -> np.ndarray:
@@ -202,40 +160,39 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
                        criterion: str = "l1", exclude: tuple[str, ...] = (),
                        layer_sparsity: tuple[tuple[str, float], ...] = (), min_params: int = 0,
                        pattern: tuple[int, int] | None = None,
-                       feature_norms: dict[str, np.ndarray] | None = None) -> UnstructuredResult:
+                       batches: list[dict[str, np.ndarray]] | None = None) -> UnstructuredResult:
     """Zero the smallest weights in place (values only; no node, shape or name changes).
 
     Args:
         sparsity: fraction of weights to zero, per tensor (``scope="layer"``) or across all tensors ("global").
-        criterion: "l1" or "l2" (for single weights both rank by |w|, so they select the same weights), or "wanda"
-            (|w| times the calibration input's L2 norm of the weight's input feature; needs ``feature_norms``).
-        feature_norms: weight name -> per-index input norm along the weight's reduction axis, or an array that
-            broadcasts against the weight (grouped convs: each output reads its own group's channels).
+        criterion: a registered weight criterion: the weights are ranked by |w| times what it multiplies |w| by
+            (nothing for l1 and l2, which therefore select the same weights; the input feature norms for wanda).
+            A criterion whose zeros recovery chooses (obs) ranks by its ``counts_by`` criterion here.
+        batches: calibration feeds, for criteria that need data.
         exclude: glob patterns matched against node and tensor names.
         layer_sparsity: (glob, ratio) overrides, first match wins; overridden tensors are pruned on their own.
         min_params: tensors with fewer parameters are left alone.
         pattern: (N, M) keeps the N largest of every M consecutive weights along the reduction axis.
     """
-    if criterion not in CRITERIA:
-        raise ConfigError(f"unknown criterion '{criterion}' for unstructured pruning (choose l1 or l2)")
+    chosen = registry.get(criterion, Target.WEIGHTS)
     if scope not in ("layer", "global"):
         raise ConfigError(f"scope must be 'layer' or 'global', got '{scope}'")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
-    if criterion == "wanda" and feature_norms is None:
-        raise ConfigError("--criterion wanda needs calibration data (--calib)")
-    norms = feature_norms if criterion == "wanda" else {}
+    registry.require_data(chosen, batches)
+    ranking = chosen.ranking()
+    result = UnstructuredResult([WeightInfo.of(w) for w in find_weights(index)])
+    norms = ranking.weight_scales(index, result.weights, batches) or {}
 
     def score_of(w: WeightInfo) -> np.ndarray:
         values = index.const_value(w.name)
         bits = _scores(values, w.reduction_axis, norms.get(w.name))
         if bits.size and int(bits.max()) >= NONFINITE_BITS:  # one reduction; the message is built only then
             require_finite(values, f"input model: weight '{w.name}'", InputModelError, "axis-0 index")
-            require_finite(bits.view(np.float32), f"weight '{w.name}': {criterion} score",
+            require_finite(bits.view(np.float32), f"weight '{w.name}': {ranking.name} score",
                            DataError if w.name in norms else InputModelError, "axis-0 index", "overflows float32")
         return bits
 
-    result = UnstructuredResult(find_weights(index))
     pool: list[WeightInfo] = []
     ratios: dict[str, float] = {}
     for w in result.weights:
@@ -285,8 +242,7 @@ def prune_unstructured(index: GraphIndex, sparsity: float | None = None, scope: 
             w.zeros_after += int(np.count_nonzero(flat[tied]))
             flat[tied] = 0
             tied_left[0] -= tied.size
-        index.model.replace(index.const_tensor(w.name), new)
-        index.forget_value(w.name)
+        index.set_constant(w.name, new)
 
     # numpy releases the GIL in the heavy kernels: two tensors are processed at once, and results are applied
     # (and streamed to the output) strictly in order, with at most a few tensors in memory
@@ -322,7 +278,6 @@ def to_sparse_storage(index: GraphIndex, names: list[str]) -> list[str]:
                                                 onnx.numpy_helper.from_array(nz.astype(np.int64), name + "_indices"),
                                                 list(values.shape))
         graph.sparse_initializer.append(sparse)
-        graph.initializer.remove(tensor)
-        del index.initializers[name]
+        index.remove_initializer(name)
         moved.append(name)
     return moved

@@ -16,8 +16,7 @@ import onnxruntime as ort
 
 from onnxprune.channels.groups import GroupSet
 from onnxprune.graph.io import LoadedModel, iter_tensors, uses_external_data
-
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+from onnxprune.graph.layers import FLOAT_TYPES
 
 
 def masked_model(original: onnx.ModelProto, groups: GroupSet, remove: dict[int, np.ndarray],

@@ -1,1 +1,5 @@
-"""Recovery without training: re-fitting what pruning changed on calibration data."""
+"""Recovery without training: re-fitting what pruning changed on calibration data.
+
+Importing this package registers every method (registry.py), one module each."""
+
+from onnxprune.recovery import bn, lsq  # noqa: F401

@@ -1,4 +1,4 @@
-"""Where a re-fitted layer's output goes, and the order lsq fits layers in.
+"""Where a re-fitted layer's output goes, and the order recovery fits layers in.
 
 A layer ending a residual branch is fitted to the original residual *sum* given the pruned shortcut, and a layer
 whose output only reaches a Relu is fitted for what the Relu passes on; both need to know the node's sole use,
@@ -71,15 +71,16 @@ def features(index: GraphIndex, conv: onnx.NodeProto) -> int:
     return int(np.prod(shape[1:])) if shape else 0
 
 
-def fit_order(index: GraphIndex, method: str) -> list[onnx.NodeProto]:
-    """The graph's nodes in an order where every node comes after its inputs' producers and, for lsq, a layer ending
-    a residual branch also comes after the producers of the shortcut it is fitted against: fitting the branch to
+def fit_order(index: GraphIndex, shortcut_first: bool) -> list[onnx.NodeProto]:
+    """The graph's nodes in an order where every node comes after its inputs' producers and, with
+    ``shortcut_first`` (a method that fits residual branches to the sum, as lsq does), a layer ending a residual
+    branch also comes after the producers of the shortcut it is fitted against: fitting the branch to
     ``original sum - shortcut`` is only right once the shortcut (say a 1x1 projection conv) has its final weights."""
     nodes = list(index.graph.node)
     position = {id(n): k for k, n in enumerate(nodes)}
     needs: dict[int, set[int]] = {k: {position[id(index.producer[name].node)] for name in n.input
                                       if name in index.producer} for k, n in enumerate(nodes)}
-    if method == "lsq":
+    if shortcut_first:
         for k, n in enumerate(nodes):
             residual = residual_branch(index, n) if n.op_type == "Conv" else None
             if residual is not None and residual[1] in index.producer:

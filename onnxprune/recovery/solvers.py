@@ -1,5 +1,5 @@
 """Least-squares solvers behind ``--recover lsq``: normal equations, ridge fits on a support (zeros stay zero), and
-the Relu-aware refinement. Pure numpy on Gram matrices and rows; recover.py decides what to fit and where.
+the Relu-aware refinement. Pure numpy on Gram matrices and rows; lsq.py decides what to fit and where.
 
 The Relu-aware objective: where the original value is below the Relu's threshold ("floor") every value there
 becomes the same 0, so only overshooting the floor counts. It is convex and piecewise quadratic, and its curvature

@@ -159,3 +159,17 @@ def evaluate_pair(original: ort.InferenceSession, pruned: ort.InferenceSession, 
             "top5_drop": None if before["top5"] is None else before["top5"] - after["top5"],
         }
     return PairResult(data.num_samples, {name: agree[name].result() for name in names}, accuracy)
+
+
+def evaluate_model(session: ort.InferenceSession, data: Dataset, batch_size: int) -> dict:
+    """Top-1/top-5 of one model on labelled data (the first [N, classes] output): for recovery and search."""
+    if data.labels is None:
+        raise DataError(f"{data.source}: no labels; accuracy needs labels")
+    top = TopK()
+    for feed, labels in data.batches(batch_size):
+        outs = run_batch(session, feed)
+        scores = next((o for o in outs if o.ndim == 2 and o.shape[1] >= 2), None)
+        if scores is None:
+            raise DataError("no output is [N, classes] shaped")
+        top.update(scores, labels)
+    return {"samples": top.n, "classes": top.classes, **top.result()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def load_measured(path: str | Path, provider: str, threads: int, feed: dict[str,
 
 
 def measure_pair(original: str | Path, pruned: str | Path, provider: str, feed: dict[str, np.ndarray],
-                 threads: int = 0, warmup: int = 5, runs: int = 50) -> dict:
-    """Interleaved timing of both models on ``provider`` with one fixed input batch."""
+                 threads: int = 0, warmup: int = 5, runs: int = 50,
+                 on_run: Callable[[int], None] | None = None) -> dict:
+    """Interleaved timing of both models on ``provider`` with one fixed input batch; ``on_run(1)`` after each timed
+    pair (a progress bar)."""
     orig = load_measured(original, provider, threads, feed)
     prun = load_measured(pruned, provider, threads, feed)
     for _ in range(warmup):
@@ -75,6 +78,8 @@ def measure_pair(original: str | Path, pruned: str | Path, provider: str, feed: 
             start = time.perf_counter()
             sess.run(None, feed)
             times[key].append((time.perf_counter() - start) * 1000)
+        if on_run:
+            on_run(1)
     result: dict = {"provider": short_name(provider), "provider_name": provider, "runs": runs, "warmup": warmup,
                     "threads": threads or None, "batch_size": len(next(iter(feed.values())))}
     for key, loaded in (("original", orig), ("pruned", prun)):

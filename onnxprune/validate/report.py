@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from onnxprune.formatting import human
+from onnxprune.formatting import human, table
 from onnxprune.errors import ValidationFailed
 
 SCHEMA = "onnxprune.validate/1"
@@ -31,16 +31,12 @@ def _bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    return table(headers, rows, indent="  ")  # indented under its section title
+
+
 def _ratio(after: float | int | None, before: float | int | None) -> float | None:
     return after / before if after is not None and before else None
-
-
-def table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    lines = [indent + "  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines.append(indent + "  ".join("-" * w for w in widths))
-    lines += [indent + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
 
 
 @dataclass
@@ -120,7 +116,7 @@ class ValidationReport:
                 rows.append(["top-5", _pct(a["original"]["top5"]), _pct(a["pruned"]["top5"]),
                              f"{100 * a['top5_drop']:.2f}"])
             parts += ["", f"accuracy (output '{a['output']}', {a['classes']} classes, {a['samples']} samples)",
-                      table(["metric", "original", "pruned", "drop (points)"], rows)]
+                      _table(["metric", "original", "pruned", "drop (points)"], rows)]
         rows = []
         for name, r in self.outputs.items():
             snr = f"{r['snr_db']:.1f}" if r["snr_db"] is not None else ("inf" if r["identical"] else "-")
@@ -128,7 +124,7 @@ class ValidationReport:
                          _num(r["cosine_min"], "{:.6f}"), f"{r['max_abs_error']:.3g}", f"{r['mean_abs_error']:.3g}",
                          snr])
         parts += ["", "agreement (pruned against original)",
-                  table(["output", "top-1 agree", "cosine mean", "cosine min", "max abs err", "mean abs err",
+                  _table(["output", "top-1 agree", "cosine mean", "cosine min", "max abs err", "mean abs err",
                          "SNR dB"], rows)]
         if self.latency:
             first = self.latency[0]
@@ -143,21 +139,21 @@ class ValidationReport:
                              f"{_bytes(o['memory_bytes'])} / {_bytes(p['memory_bytes'])}"])
             parts += ["", f"latency (interleaved, {first['runs']} runs after {first['warmup']} warmup, batch "
                           f"{first['batch_size']}, threads {first['threads'] or 'default'})",
-                      table(["provider", "original ms med/p90/p99", "pruned ms med/p90/p99", "speedup",
+                      _table(["provider", "original ms med/p90/p99", "pruned ms med/p90/p99", "speedup",
                              "load ms orig/pruned", "memory orig/pruned"], rows)]
         if self.size:
             o, p = self.size["original"], self.size["pruned"]
             rows = [[label, fmt(o[key]), fmt(p[key]), _num(_ratio(p[key], o[key]))]
                     for label, key, fmt in (("parameters", "params", human), ("MACs/sample", "macs", human),
                                             ("file size", "file_size", _bytes))]
-            parts += ["", "size", table(["", "original", "pruned", "pruned/original"], rows)]
+            parts += ["", "size", _table(["", "original", "pruned", "pruned/original"], rows)]
         if self.mobile:
             parts += ["", "mobile readiness (onnxruntime usability check: supported nodes, partitions, verdict)"]
             rows = []
             for key, label in (("nnapi", "NNAPI"), ("coreml_neuralnetwork", "CoreML NeuralNetwork"),
                                ("coreml_mlprogram", "CoreML MLProgram")):
                 rows.append([label] + [_mobile_cell(self.mobile[which], key) for which in ("original", "pruned")])
-            parts.append(table(["provider", "original", "pruned"], rows))
+            parts.append(_table(["provider", "original", "pruned"], rows))
             for which in ("original", "pruned"):
                 if self.mobile[which].get("dynamic_inputs"):
                     parts.append(f"  {which}: dynamic inputs {', '.join(self.mobile[which]['dynamic_inputs'])}; "

@@ -1,0 +1,1 @@
+"""The prune job as passes over one live graph (base.py: the pass protocol; job.py: the sequence)."""

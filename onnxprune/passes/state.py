@@ -1,0 +1,101 @@
+"""What a prune job is asked to do (:class:`PruneOptions`), what it reports (:class:`PruneReport`) and what its
+passes share while it runs (:class:`PruneState`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxprune.channels import Dim
+from onnxprune.channels.groups import GroupSet
+from onnxprune.data.loader import Feed
+from onnxprune.data.sources import Preprocess
+from onnxprune.graph.index import GraphIndex
+from onnxprune.graph.io import LoadedModel
+from onnxprune.graph.stats import ModelStats
+from onnxprune.prune.structured import ChannelPlan
+from onnxprune.prune.unstructured import UnstructuredResult
+from onnxprune.recovery.recover import RecoveryResult, Reselect
+
+
+@dataclass
+class PruneOptions:
+    """Everything a prune run can be asked to do; defaults match the CLI's."""
+
+    channels: float | None = None
+    sparsity: float | None = None
+    pattern: tuple[int, int] | None = None
+    scope: str = "layer"
+    criterion: str = "auto"  # auto: l1, or with calibration data recon (channels) and obs (weights; wanda without lsq)
+    reduction: str = "mean"
+    round_to: int | None = None  # None: the CPU's NCHWc block (16 with AVX-512, else 8)
+    exclude: tuple[str, ...] = ()
+    layer_channels: tuple[tuple[str, float], ...] = ()
+    layer_sparsity: tuple[tuple[str, float], ...] = ()
+    min_params: int = 0
+    max_group_ratio: float | None = None
+    sparse_storage: bool = False
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    calib: str | None = None  # .npz or image folder, as for validation data
+    calib_limit: int | None = 256
+    calib_batch: int = 32
+    preprocess: Preprocess = field(default_factory=Preprocess)  # an image-folder --calib, as for --data
+    recover: str | None = None  # None: "lsq" with calibration data, else "none"
+    verify: bool = False  # prove the channel removal against the masked original on random inputs
+    steps: int = 1  # remove the channels in this many rounds, recovering after each (with --calib)
+
+    @property
+    def prunes_weights(self) -> bool:
+        return bool(self.sparsity or self.pattern)
+
+
+@dataclass
+class GroupRow:
+    """One channel group in the report."""
+
+    id: int
+    name: str
+    producers: list[str]
+    members: list[str]
+    before: int
+    after: int
+    blocked: list[str]
+    note: str | None
+
+
+@dataclass
+class PruneReport:
+    input: str
+    output: str
+    before: ModelStats
+    after: ModelStats
+    output_size: int
+    groups: list[GroupRow] = field(default_factory=list)
+    unstructured: UnstructuredResult | None = None
+    notes: list[str] = field(default_factory=list)
+    round_to: int | None = None
+    recovery: RecoveryResult | None = None
+    structure_changed: bool = False  # False: only weight values changed, so the saved graph needs no re-check
+
+
+@dataclass
+class PruneState:
+    """The one model under edit and what the passes learn about it; each field says which pass fills it."""
+
+    model: LoadedModel
+    options: PruneOptions
+    batches: list[Feed] | None = None  # Calibrate (once per run, shared by every round of --steps)
+    calibrated: bool = False  # Calibrate ran (batches may still be None: no --calib)
+    verify_feeds: dict[str, np.ndarray] | None = None  # Prepare, with --verify
+    too_big: bool = False  # Prepare: external data too large to hold, so its changes stream out and recovery skips
+    index: GraphIndex | None = None  # Prepare: the live graph every later pass edits through
+    report: PruneReport | None = None  # Prepare
+    original: onnx.ModelProto | None = None  # Calibrate: the model before this round's changes (recovery's target)
+    groups: GroupSet | None = None  # BuildGroups
+    plan: ChannelPlan | None = None  # SelectChannels
+    kept: dict[Dim, np.ndarray] = field(default_factory=dict)  # RemoveChannels: kept indices per tensor axis
+    proof: str | None = None  # RemoveChannels with --verify: what was proved
+    changed: set[str] = field(default_factory=set)  # RemoveChannels, ZeroWeights: constants whose values changed
+    reselect: dict[str, Reselect] = field(default_factory=dict)  # ZeroWeights: zeros recovery chooses (obs)
