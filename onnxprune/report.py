@@ -12,6 +12,7 @@ from onnxprune.errors import OutputError
 from onnxprune.formatting import human, table as _table
 from onnxprune.pipeline import PruneReport
 from onnxprune.graph.stats import ModelStats
+from onnxprune.quantize import QuantizationResult
 
 
 def _ratio(after: int | None, before: int | None) -> str:
@@ -49,6 +50,12 @@ def prune_dict(report: PruneReport) -> dict:
             "steps": [{"output_error_before": b, "output_error_after": a} for b, a in report.recovery.steps],
             "layers": [vars(layer) for layer in report.recovery.layers]},
     }
+    q = report.quantization
+    data["quantization"] = None if q is None else {
+        "kind": q.kind, "method": q.method, "params": q.params, "zeros_before": q.zeros_before,
+        "zeros_after": q.zeros_after, "sparsity_before": q.zeros_before / q.params if q.params else 0.0,
+        "sparsity_after": q.zeros_after / q.params if q.params else 0.0, "float_nodes": q.float_nodes,
+        "size_before": q.size_before, "size_after": q.size_after, "preprocessed": q.preprocessed}
     if report.unstructured is not None:
         u = report.unstructured
         data["unstructured"] = {
@@ -96,6 +103,8 @@ def render_prune(report: PruneReport) -> str:
             error = f"{r.output_error_before:.4g} -> {r.output_error_after:.4g}{'' if r.kept else ' (undone)'}"
         parts.append(f"recovery {r.method}: {len(r.layers)} layers revisited, {better} updated, output error on "
                      f"calibration data {error}, {r.seconds:.2f}s")
+    if report.quantization is not None:
+        parts.append(_render_quantization(report.quantization))
     b, a = report.before, report.after
     parts.append(f"params {human(b.params)} -> {human(a.params)} ({_ratio(a.params, b.params)}x), "
                  f"MACs {human(b.macs)} -> {human(a.macs)} ({_ratio(a.macs, b.macs)}x), "
@@ -103,6 +112,16 @@ def render_prune(report: PruneReport) -> str:
     parts += [f"note: {n}" for n in report.notes]
     parts.append(f"wrote {report.output}")
     return "\n".join(parts)
+
+
+def _render_quantization(q: QuantizationResult) -> str:
+    method = f", {q.method} calibration" if q.method else ""
+    zeros = (f"weights {100 * q.zeros_before / q.params:.1f}% -> {100 * q.zeros_after / q.params:.1f}% zero over "
+             f"{human(q.params)} parameters (every pruned zero kept)" if q.params else "no constant weights")
+    floats = (f"{len(q.float_nodes)} nodes left float: {', '.join(q.float_nodes[:8])}"
+              f"{' ...' if len(q.float_nodes) > 8 else ''}" if q.float_nodes else "no node left float")
+    return (f"quantize {q.kind}{method}: {zeros}; {floats}; model {human(q.size_before)}B -> "
+            f"{human(q.size_after)}B")
 
 
 def check_json_target(path: str | Path, protected: Iterable[str | Path] = ()) -> Path:

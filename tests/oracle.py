@@ -1,9 +1,13 @@
-"""Test helpers around the exactness oracle (the oracle itself is onnxprune.prune.verify, which --verify uses)."""
+"""Test helpers around the exactness oracle (the oracle itself is onnxprune.prune.verify, which --verify uses), and
+running a model in onnxruntime."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from onnxprune.prune.verify import masked_model, run  # noqa: F401  (re-exported for the tests)
 from onnxprune.prune.verify import random_feeds as _random_feeds
@@ -19,3 +23,10 @@ def assert_matches(expected: onnx.ModelProto, actual: onnx.ModelProto, feeds: di
         assert e.shape == a.shape, (e.shape, a.shape)
         scale = max(1.0, float(np.abs(e).max()))
         np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale)
+
+
+def first_output(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of ``model`` on ``feeds`` in a default CPU session; a saved model is loaded by onnxruntime
+    from its path, external data included."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)[0]

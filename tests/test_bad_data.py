@@ -7,7 +7,6 @@ folder holds exactly what it held before (no output, no temporary file).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from onnxprune.recovery.recover import _output_error
 from onnxprune.data.loader import DataOptions, load_data
 
 from conftest import MANIFEST, MODELS
-from cli_support import run_main
+from cli_support import assert_one_error, run_main, snapshot
 
 NAN_WEIGHT = {"digits_resnet.onnx": "layer1.conv1.weight", "resnet_dynamo.onnx": "layer1.0.conv1.weight"}
 
@@ -67,38 +66,21 @@ def _bad_npz(folder: Path, model: str, variant: str) -> tuple[Path, str]:
     return path, fragment
 
 
-def _one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("onnxprune: error: "), err
-    return lines[0]
-
-
 @pytest.mark.parametrize("model", ["digits_resnet.onnx", "resnet_dynamo.onnx"])
 @pytest.mark.parametrize("variant", ["nan", "inf", "empty", "scalar"])
-def test_bad_calibration_data_is_exit_7_and_leaves_nothing(copy_model, tmp_path, capsys, model, variant):
+@pytest.mark.parametrize("use", ["calibration", "validation"])
+def test_bad_data_is_exit_7_and_leaves_nothing(copy_model, tmp_path, capsys, model, variant, use):
     path = copy_model(model)
     npz, fragment = _bad_npz(tmp_path, model, variant)
-    before = sorted(os.listdir(tmp_path))
-    code, _, err = run_main([str(path), "--channels", "0.3", "--calib", str(npz), "-o", str(tmp_path / "out.onnx")],
-                            capsys)
+    before = snapshot(tmp_path)
+    if use == "calibration":
+        args = [path, "--channels", "0.3", "--calib", npz, "-o", tmp_path / "out.onnx"]
+    else:
+        args = ["validate", path, path, "--data", npz, "--runs", "0", "--no-mobile", "--json", tmp_path / "report.json"]
+    code, _, err = run_main(args, capsys)
     assert code == 7, err
-    line = _one_error_line(err)
-    assert f"{npz}: " in line and fragment in line, line
-    assert sorted(os.listdir(tmp_path)) == before
-
-
-@pytest.mark.parametrize("model", ["digits_resnet.onnx", "resnet_dynamo.onnx"])
-@pytest.mark.parametrize("variant", ["nan", "inf", "empty", "scalar"])
-def test_bad_validation_data_is_exit_7(copy_model, tmp_path, capsys, model, variant):
-    path = copy_model(model)
-    npz, fragment = _bad_npz(tmp_path, model, variant)
-    before = sorted(os.listdir(tmp_path))
-    code, _, err = run_main(["validate", str(path), str(path), "--data", str(npz), "--runs", "0", "--no-mobile",
-                             "--json", str(tmp_path / "report.json")], capsys)
-    assert code == 7, err
-    line = _one_error_line(err)
-    assert f"{npz}: " in line and fragment in line, line
-    assert sorted(os.listdir(tmp_path)) == before
+    assert_one_error(err, f"{npz}: ", fragment)
+    assert snapshot(tmp_path) == before
 
 
 def test_prune_then_validate_with_bad_data_is_exit_7(copy_model, tmp_path, capsys):
@@ -107,7 +89,7 @@ def test_prune_then_validate_with_bad_data_is_exit_7(copy_model, tmp_path, capsy
     code, _, err = run_main([str(path), "--sparsity", "0.5", "-o", str(tmp_path / "out.onnx"), "--validate",
                              "--data", str(npz), "--runs", "0", "--no-mobile"], capsys)
     assert code == 7, err
-    assert fragment in _one_error_line(err)
+    assert_one_error(err, fragment)
 
 
 def test_bad_labels_name_the_sample(tmp_path):
@@ -162,11 +144,11 @@ def test_nan_weight_is_an_input_model_error(tmp_path, capsys, model, args):
     if args[-1] == "--calib":
         np.savez(tmp_path / "calib.npz", input=_samples(model))
         args = [*args, str(tmp_path / "calib.npz")]
-    before = sorted(os.listdir(tmp_path))
-    code, _, err = run_main([str(path), *args, "-o", str(tmp_path / "out.onnx")], capsys)
+    before = snapshot(tmp_path)
+    code, _, err = run_main([path, *args, "-o", tmp_path / "out.onnx"], capsys)
     assert code == 3, err
-    assert f"weight '{NAN_WEIGHT[model]}' has NaN" in _one_error_line(err)
-    assert sorted(os.listdir(tmp_path)) == before
+    assert_one_error(err, f"weight '{NAN_WEIGHT[model]}' has NaN")
+    assert snapshot(tmp_path) == before
 
 
 def _digits(tmp_path: Path) -> tuple:

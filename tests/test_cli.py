@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
-
-from onnxprune.cli.main import cli, main
 
 from conftest import MODELS
+from cli_support import run_main, snapshot
 
 
-def run_cli(args: list[str]) -> tuple[int, str]:
-    """Run through main() exactly as the console script does; returns (exit code, stdout + stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue() + err.getvalue()
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def test_channels_default_command_and_default_output(model_copy, tmp_path):
+def test_channels_default_command_and_default_output(model_copy, tmp_path, capsys):
     path = model_copy("resnet_bn.onnx")
     before = path.read_bytes()
-    result = CliRunner().invoke(cli, [str(path), "--channels", "0.3", "--json", str(tmp_path / "r.json")])
-    assert result.exit_code == 0, result.output
+    code, stdout, stderr = run_main([path, "--channels", "0.3", "--json", tmp_path / "r.json"], capsys)
+    assert code == 0, stderr
     out = tmp_path / "resnet_bn.pruned.onnx"
     assert out.exists() and path.read_bytes() == before
     onnx.checker.check_model(str(out), full_check=True)
@@ -48,26 +27,26 @@ def test_channels_default_command_and_default_output(model_copy, tmp_path):
     assert report["after"]["macs"] < report["before"]["macs"]
     assert report["output"] == str(out)
     pruned = [g for g in report["groups"] if g["after"] < g["before"]]
-    assert pruned and "groups" in result.output
+    assert pruned and "groups" in stdout
     for g in report["groups"]:  # every group is pruned, or the report says why not
         assert g["after"] < g["before"] or g["blocked"] or "kept whole" in (g["note"] or "")
         assert g["after"] == g["before"] or g["after"] % report["round_to"] == 0
 
 
-def test_prune_subcommand_is_the_same(model_copy, tmp_path):
+def test_prune_subcommand_is_the_same(model_copy, tmp_path, capsys):
     path = model_copy("vgg_bn.onnx")
-    a = CliRunner().invoke(cli, ["prune", str(path), "--sparsity", "0.5", "-o", str(tmp_path / "a.onnx")])
-    b = CliRunner().invoke(cli, [str(path), "--sparsity", "0.5", "-o", str(tmp_path / "b.onnx")])
-    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    code_a, _, err_a = run_main(["prune", path, "--sparsity", "0.5", "-o", tmp_path / "a.onnx"], capsys)
+    code_b, _, err_b = run_main([path, "--sparsity", "0.5", "-o", tmp_path / "b.onnx"], capsys)
+    assert code_a == code_b == 0, err_a + err_b
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
-def test_inspect_lists_layers(tmp_path):
-    result = CliRunner().invoke(cli, ["inspect", str(MODELS / "resnet_bn.onnx"), "--json", str(tmp_path / "i.json")])
-    assert result.exit_code == 0, result.output
+def test_inspect_lists_layers(tmp_path, capsys):
+    code, out, err = run_main(["inspect", MODELS / "resnet_bn.onnx", "--json", tmp_path / "i.json"], capsys)
+    assert code == 0, err
     data = json.loads((tmp_path / "i.json").read_text())
     assert len(data["layers"]) == 11 and data["opset"] == 13 and data["macs"] > 0
-    assert "/fc/Gemm" in result.output and "total:" in result.output
+    assert "/fc/Gemm" in out and "total:" in out
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -87,7 +66,7 @@ def test_inspect_lists_layers(tmp_path):
     (["{model}", "--sparsity", "0.5", "-o", "{model}"], 4, "refusing"),
     (["inspect", "{text}"], 3, "not a readable ONNX model"),
 ])
-def test_bad_input_exit_codes_and_nothing_lost(tmp_path, model_copy, args, code, message):
+def test_bad_input_exit_codes_and_nothing_lost(tmp_path, model_copy, capsys, args, code, message):
     model = model_copy("resnet_bn.onnx")
     (tmp_path / "empty.onnx").write_bytes(b"")
     (tmp_path / "text.onnx").write_text("not a model at all\n" * 20)
@@ -95,22 +74,22 @@ def test_bad_input_exit_codes_and_nothing_lost(tmp_path, model_copy, args, code,
     before = snapshot(tmp_path)
     names = {"dir": tmp_path, "model": model, "empty": tmp_path / "empty.onnx", "text": tmp_path / "text.onnx",
              "trunc": tmp_path / "trunc.onnx"}
-    exit_code, output = run_cli([a.format(**names) for a in args])
-    assert exit_code == code, output
-    assert message in output
-    assert "Traceback" not in output
+    exit_code, out, err = run_main([a.format(**names) for a in args], capsys)
+    assert exit_code == code, err
+    assert message in err
+    assert "Traceback" not in out + err
     assert snapshot(tmp_path) == before  # inputs byte-identical, no partial output left behind
 
 
-def test_nothing_to_prune_is_not_an_error(tmp_path):
+def test_nothing_to_prune_is_not_an_error(tmp_path, capsys):
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 13]>
         agraph (float[1, 4] x) => (float[1, 4] y) { y = Relu(x) }""")
     path = tmp_path / "relu.onnx"
     onnx.save(model, path)
-    code, output = run_cli([str(path), "--sparsity", "0.5"])
-    assert code == 0, output
-    assert "no prunable weights" in output
+    code, out, err = run_main([path, "--sparsity", "0.5"], capsys)
+    assert code == 0, err
+    assert "no prunable weights" in out
 
 
 def test_real_subprocess_and_debug_flag(tmp_path, model_copy):
@@ -127,30 +106,3 @@ def test_real_subprocess_and_debug_flag(tmp_path, model_copy):
                            text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
-
-def test_verify_proves_the_removal(model_copy, tmp_path):
-    path = model_copy("densenet_bn.onnx")
-    code, output = run_cli([str(path), "--channels", "0.4", "--round-to", "1", "--verify"])
-    assert code == 0, output
-    assert "verified the channel removal: on random inputs (input 2x3x32x32)" in output
-
-
-def test_verify_catches_a_wrong_removal_and_writes_nothing(model_copy, tmp_path, monkeypatch):
-    """Sabotage apply_plan (remove other channels than planned): --verify must refuse to write the result."""
-    import numpy as np
-
-    import onnxprune.pipeline as pipeline
-    from onnxprune.prune.structured import ChannelPlan, apply_plan
-
-    def wrong_apply(groups, plan):
-        shifted = {gid: np.array(sorted({(int(c) + 1) % groups.groups[gid].size for c in ids}))
-                   for gid, ids in plan.remove.items()}
-        return apply_plan(groups, ChannelPlan(shifted))
-
-    monkeypatch.setattr("onnxprune.passes.channels.apply_plan", wrong_apply)
-    path = model_copy("resnet_bn.onnx")
-    before = snapshot(tmp_path)
-    code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--verify"])
-    assert code == 4, output
-    assert "differs from the original" in output
-    assert snapshot(tmp_path) == before

@@ -18,43 +18,23 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxprune.cli.main import main
 from onnxprune.errors import InputModelError, OutputError, Terminated
 from onnxprune.graph.check import check_input_model, short_message
 from onnxprune.graph.io import load_model
 from onnxprune.report import write_json
 
+from cli_support import assert_one_error, run_main, snapshot
+
 PRUNE_JOBS = [["--channels", "0.3"], ["--sparsity", "0.5"]]
-
-
-def run(args: list[str], capfd) -> tuple[int, str, str]:
-    """main() as the console script runs it; stdout and stderr captured at the file-descriptor level, so that
-    anything onnxruntime's C++ side prints would show up too."""
-    capfd.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
-def assert_one_error(err: str, *fragments: str) -> None:
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("onnxprune: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
 
 
 def assert_fails(args: list, code: int, fragments: str | tuple[str, ...], folder: Path, capfd) -> None:
     """The run exits ``code`` with one error line holding the fragment(s) and adds, removes or changes no file."""
-    before = {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
-    exit_code, _, err = run(args, capfd)
+    before = snapshot(folder)
+    exit_code, _, err = run_main(args, capfd)
     assert exit_code == code, err
     assert_one_error(err, *((fragments,) if isinstance(fragments, str) else fragments))
-    assert {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))} == before
+    assert snapshot(folder) == before
 
 
 # ---------------------------------------------------------------------------------------------- invalid input models
@@ -164,7 +144,7 @@ def _contrib_models() -> dict[str, onnx.ModelProto]:
 def test_contrib_ops_of_fused_graphs_stay_accepted(tmp_path, capfd, op):
     path = tmp_path / f"{op}.onnx"
     onnx.save(_contrib_models()[op], path)
-    code, out, err = run(["inspect", path], capfd)
+    code, out, err = run_main(["inspect", path], capfd)
     assert code == 0, err
     assert err == ""
 
@@ -348,7 +328,7 @@ def test_a_good_input_shape_is_used(model_copy, tmp_path, capfd, model):
     path = model_copy(model)
     macs = []
     for extra in ([], ["--input-shape", "input:4x3x32x32"]):
-        code, _, err = run(["inspect", path, "--json", tmp_path / "i.json", *extra], capfd)
+        code, _, err = run_main(["inspect", path, "--json", tmp_path / "i.json", *extra], capfd)
         assert code == 0, err
         macs.append(json.loads((tmp_path / "i.json").read_text())["macs"])
     assert macs[1] == 4 * macs[0] > 0  # batch 4 instead of the default 1
@@ -378,7 +358,7 @@ def test_sigterm_handler_unwinds_and_exits_143(tmp_path, capfd, monkeypatch, mod
     previous = signal.getsignal(signal.SIGTERM)
     path = model_copy("resnet_dynamo.onnx")
     before = sorted(os.listdir(tmp_path))
-    code, _, err = run([path, "--channels", "0.3"], capfd)
+    code, _, err = run_main([path, "--channels", "0.3"], capfd)
     assert code == 143
     assert err.splitlines() == ["onnxprune: terminated"]
     assert cleaned == [Terminated]

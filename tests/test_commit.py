@@ -24,6 +24,8 @@ from onnxprune.errors import OutputError
 from onnxprune.graph.io import load_model, save_model, sweep_leftovers
 from onnxprune.pipeline import PruneOptions, prune_file
 
+from cli_support import snapshot
+
 RUN_FILE = io._RUN_DATA, io._TEMP_MODEL
 
 
@@ -53,16 +55,12 @@ def _run(path: Path) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-def _listing(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 @pytest.mark.parametrize("external", [False, True])
 def test_failed_check_keeps_the_previous_output(tmp_path, monkeypatch, external):
     """The reported loss: a second run to the same output failed its check and deleted the first run's data file."""
     model = _mlp(tmp_path / "m.onnx", 64, 3, external)
     prune_file(model, None, PruneOptions(sparsity=0.5))
-    before = _listing(tmp_path)
+    before = snapshot(tmp_path)
     expected = _run(tmp_path / "m.pruned.onnx")
 
     def broken(*args):
@@ -71,7 +69,7 @@ def test_failed_check_keeps_the_previous_output(tmp_path, monkeypatch, external)
     monkeypatch.setattr(io, "_check_saved", broken)
     with pytest.raises(OutputError, match="injected"):
         prune_file(model, None, PruneOptions(channels=0.3, round_to=1))
-    assert _listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
     np.testing.assert_array_equal(_run(tmp_path / "m.pruned.onnx"), expected)
 
 
@@ -96,7 +94,7 @@ def test_interrupt_before_the_commit_leaves_nothing(tmp_path, monkeypatch, exter
     the commit: the folder is exactly as before, previous output included."""
     model = _mlp(tmp_path / "m.onnx", 64, 3, external)
     prune_file(model, None, PruneOptions(sparsity=0.3))
-    before = _listing(tmp_path)
+    before = snapshot(tmp_path)
 
     def interrupt(*args, **kwargs):
         raise signal_like(28, "No space left on device") if signal_like is OSError else signal_like()
@@ -116,7 +114,7 @@ def test_interrupt_before_the_commit_leaves_nothing(tmp_path, monkeypatch, exter
     with pytest.raises(OutputError if signal_like is OSError else signal_like):
         prune_file(model, None, PruneOptions(channels=0.3, round_to=1))
     monkeypatch.undo()
-    assert _listing(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_overwriting_an_external_output_keeps_the_conventional_name(tmp_path):
@@ -265,10 +263,23 @@ def test_killed_runs_never_break_the_output(tmp_path):
     for name in ("m.onnx", "m.onnx.data"):
         shutil.copy(tmp_path / name, previous_run / name)
     subprocess.run(_command(previous_run / "m.onnx", first), check=True, capture_output=True)
+    # how long a run takes, and how long its save (from the temporary model's appearance to the end): the kills are
+    # spread over what this machine takes now, however loaded it is
+    reference = tmp_path / "reference"
+    reference.mkdir()
     start = time.perf_counter()
-    subprocess.run(_command(model, [*second, "-o", str(tmp_path / "new.onnx")]), check=True, capture_output=True)
-    duration = time.perf_counter() - start
-    expected = {"first": _run(previous_run / "m.pruned.onnx"), "second": _run(tmp_path / "new.onnx")}
+    proc = subprocess.Popen(_command(model, [*second, "-o", str(reference / "new.onnx")]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    save_start = None
+    while proc.poll() is None:
+        if save_start is None and any(io._TEMP_MODEL.match(n) for n in os.listdir(reference)):
+            save_start = time.perf_counter()
+        time.sleep(0.002)
+    assert proc.returncode == 0
+    end = time.perf_counter()
+    assert save_start is not None, "the temporary model was never seen"
+    duration, save = end - start, end - save_start
+    expected = {"first": _run(previous_run / "m.pruned.onnx"), "second": _run(reference / "new.onnx")}
     rng = random.Random(0)
     inputs = {"m.onnx", "m.onnx.data"}
     outcomes = {"absent": 0, "previous": 0, "new": 0}
@@ -281,7 +292,7 @@ def test_killed_runs_never_break_the_output(tmp_path):
         in_save = k % 4 >= 2
         proc = subprocess.Popen(_command(folder / "m.onnx", second), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        _kill_at(proc, folder, rng.uniform(0.0, 0.5) if in_save else rng.uniform(0.0, duration), in_save)
+        _kill_at(proc, folder, rng.uniform(0.0, 1.5 * save) if in_save else rng.uniform(0.0, duration), in_save)
         out = folder / "m.pruned.onnx"
         allowed = [expected["second"], expected["first"]] if previous else [expected["second"]]
         _check_folder_after_kill(folder, out, allowed, inputs)
@@ -293,7 +304,7 @@ def test_killed_runs_never_break_the_output(tmp_path):
                                                            "m.pruned.onnx.data"]
         np.testing.assert_array_equal(_run(out), expected["first"])
         shutil.rmtree(folder)
-    print(f"kill outcomes: {outcomes}")
+    print(f"kill outcomes: {outcomes} (run {duration:.2f} s, save {save:.2f} s)")
     assert outcomes["new"] and outcomes["absent"] + outcomes["previous"], f"kills missed a side of the commit: {outcomes}"
 
 

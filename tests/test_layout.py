@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "onnxprune"
 LEAVES = {"errors", "finite", "progress", "formatting"}  # shared by every stage, importing none of them
-STAGES = ["graph", "channels", "data", "importance", "prune", "recovery", "passes", "pipeline", "validate", "report",
+STAGES = ["graph", "channels", "data", "importance", "prune", "recovery", "quantize", "passes", "pipeline", "validate", "report",
           "cli"]
 
 

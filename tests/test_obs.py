@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -17,7 +16,8 @@ from onnxprune.pipeline import PruneOptions, prune_model
 from onnxprune.recovery.obs import Hessian, obs_sweep
 
 from conftest import MODELS
-from test_cli import run_cli
+from cli_support import run_main
+from oracle import first_output
 
 
 def _layer(seed: int, k: int = 24, o: int = 5, n: int = 400, rank: int = 3):
@@ -80,7 +80,7 @@ def test_pattern_is_kept_in_the_given_order_and_the_bias_row_is_never_zeroed():
 
 def _held_out_accuracy(proto: onnx.ModelProto) -> float:
     data = np.load(MODELS / "digits_val.npz")
-    out = ort.InferenceSession(proto.SerializeToString()).run(None, {"input": data["input"]})[0]
+    out = first_output(proto, {"input": data["input"]})
     return float((out.argmax(1) == data["labels"]).mean())
 
 
@@ -119,10 +119,10 @@ def test_obs_with_a_pattern_keeps_n_of_m_along_the_reduction_axis():
     (["--sparsity", "0.5", "--criterion", "obs"], "needs calibration data"),
     (["--sparsity", "0.5", "--criterion", "obs", "--calib", "{calib}", "--recover", "bn"], "needs --recover lsq"),
 ])
-def test_obs_configuration_errors(tmp_path, args, message):
-    exit_code, output = run_cli([str(MODELS / "digits_plain.onnx"), "-o", str(tmp_path / "out.onnx"),
-                                 *[a.format(calib=MODELS / "digits_calib.npz") for a in args]])
-    assert exit_code == 2 and message in output and "Traceback" not in output
+def test_obs_configuration_errors(tmp_path, capsys, args, message):
+    exit_code, out, err = run_main([MODELS / "digits_plain.onnx", "-o", tmp_path / "out.onnx",
+                                    *[a.format(calib=MODELS / "digits_calib.npz") for a in args]], capsys)
+    assert exit_code == 2 and message in err and "Traceback" not in out + err
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -150,14 +150,12 @@ def test_wanda_scores_each_grouped_conv_output_by_its_own_groups_inputs(tmp_path
 
 
 def _held_out_error(original: Path, pruned: Path, feeds: dict) -> float:
-    def run(path: Path) -> np.ndarray:
-        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    ref, out = run(original), run(pruned)
+    ref, out = first_output(original, feeds), first_output(pruned, feeds)
     return float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
 
 
 @pytest.mark.slow
-def test_external_data_models_are_recovered_in_memory(tmp_path):
+def test_external_data_models_are_recovered_in_memory(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", input=rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
     held_out = {"input": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)}
@@ -166,9 +164,9 @@ def test_external_data_models_are_recovered_in_memory(tmp_path):
         for recover in ("none", "lsq"):
             out = tmp_path / recover / "out.onnx"
             out.parent.mkdir(exist_ok=True)
-            exit_code, output = run_cli([str(MODELS / "resnet_dynamo.onnx"), "-o", str(out), "--calib",
-                                         str(tmp_path / "calib.npz"), "--recover", recover, *args])
-            assert exit_code == 0, output
+            exit_code, output, err = run_main([MODELS / "resnet_dynamo.onnx", "-o", out, "--calib",
+                                               tmp_path / "calib.npz", "--recover", recover, *args], capsys)
+            assert exit_code == 0, err
             # the output keeps its (re-fitted) weights in a data file, as the input does
             assert io._referenced_locations(out) == {"out.onnx.data"}
             assert (out.parent / "out.onnx.data").stat().st_size > out.stat().st_size
@@ -178,13 +176,13 @@ def test_external_data_models_are_recovered_in_memory(tmp_path):
         assert errors["lsq"] < 0.5 * errors["none"], errors
 
 
-def test_models_too_big_to_hold_skip_recovery_and_say_so(tmp_path, monkeypatch):
+def test_models_too_big_to_hold_skip_recovery_and_say_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("onnxprune.graph.io.INLINE_LIMIT_BYTES", 1000)  # as if the model were over 1.8 GB
     np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32))
     for args, criterion in ((["--channels", "0.3"], "recon for channels"), (["--sparsity", "0.5"], "wanda for weights")):
         out = tmp_path / "out.onnx"
-        exit_code, output = run_cli([str(MODELS / "resnet_dynamo.onnx"), "-o", str(out), "--calib",
-                                     str(tmp_path / "calib.npz"), *args])
-        assert exit_code == 0, output
+        exit_code, output, err = run_main([MODELS / "resnet_dynamo.onnx", "-o", out, "--calib", tmp_path / "calib.npz",
+                                           *args], capsys)
+        assert exit_code == 0, err
         assert f"criterion auto with calibration data: {criterion}" in output
         assert "recovery skipped: the model is over" in output and out.exists()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -18,7 +17,8 @@ from onnxprune.prune.structured import ChannelPlan, apply_plan
 from onnxprune.recovery.recover import recover
 
 from conftest import MODELS
-from test_cli import run_cli
+from cli_support import run_main
+from oracle import first_output
 
 RNG = np.random.default_rng(0)
 
@@ -36,10 +36,6 @@ def _two_convs(w1: np.ndarray, b1: np.ndarray | None, relu: bool) -> onnx.ModelP
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 4, 6, 6])],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3, 6, 6])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-
-
-def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 def _prune_and_recover(proto, channels, method, damp=0.01):
@@ -62,7 +58,7 @@ def test_dead_channels_change_nothing(method):
     proto = _two_convs(w1, b1, relu=True)
     pruned, _ = _prune_and_recover(proto, [5, 6, 7], method)
     x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
-    np.testing.assert_allclose(_run(pruned, x), _run(proto, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(first_output(pruned, {"x": x}), first_output(proto, {"x": x}), rtol=1e-4, atol=1e-4)
 
 
 def test_linear_consumer_is_recovered_exactly():
@@ -71,10 +67,10 @@ def test_linear_consumer_is_recovered_exactly():
     proto = _two_convs(w1, None, relu=False)
     x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
     unrecovered, _ = _prune_and_recover(proto, [5], "none")
-    assert np.abs(_run(unrecovered, x) - _run(proto, x)).max() > 0.1
+    assert np.abs(first_output(unrecovered, {"x": x}) - first_output(proto, {"x": x})).max() > 0.1
     recovered, result = _prune_and_recover(proto, [5], "lsq", damp=1e-9)
     assert result.layers and result.layers[-1].accepted
-    np.testing.assert_allclose(_run(recovered, x), _run(proto, x), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(first_output(recovered, {"x": x}), first_output(proto, {"x": x}), rtol=1e-3, atol=1e-3)
 
 
 ZOO_SAMPLE = ["resnet_bn.onnx", "mobilenetv2_folded.onnx", "densenet_bn.onnx", "unet_bn.onnx", "csp_folded.onnx",
@@ -90,12 +86,12 @@ def test_recovery_never_worse_than_none_on_held_out_data(name, tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **{inp.name: RNG.standard_normal(shape).astype(np.float32)})
     held_out = {inp.name: RNG.standard_normal([16] + shape[1:]).astype(np.float32)}
-    ref = ort.InferenceSession(proto.SerializeToString()).run(None, held_out)[0]
+    ref = first_output(proto, held_out)
     errors = {}
     for method in ("none", "bn", "lsq"):
         model = from_proto(onnx.load(str(MODELS / name)))
         prune_model(model, PruneOptions(channels=0.3, round_to=1, calib=str(calib), recover=method, criterion="l1"))
-        out = ort.InferenceSession(model.proto.SerializeToString()).run(None, held_out)[0]
+        out = first_output(model.proto, held_out)
         errors[method] = float(np.mean((out - ref) ** 2) / np.mean(ref ** 2))
     assert errors["bn"] <= errors["none"] * 1.02 + 1e-9, errors
     assert errors["lsq"] <= errors["none"] * 1.02 + 1e-9, errors
@@ -117,7 +113,7 @@ def test_unstructured_recovery_keeps_zeros_and_helps(tmp_path):
         zeros = sum(int((numpy_helper.to_array(t) == 0).sum()) for t in model.proto.graph.initializer
                     if t.name in {w.name for w in report.unstructured.weights})
         counts[method] = zeros
-        out = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"input": data["input"][128:]})[0]
+        out = first_output(model.proto, {"input": data["input"][128:]})
         counts[method + "_acc"] = float((out.argmax(1) == data["labels"][128:]).mean())
     assert counts["lsq"] >= counts["none"]  # recovery never refills pruned weights
     assert counts["lsq_acc"] >= counts["none_acc"]
@@ -146,15 +142,15 @@ def test_wanda_and_act_criteria_use_calibration(tmp_path):
     (["--channels", "0.3", "--calib", "{wrong_shape}"], 7, "input"),
     (["--channels", "0.3", "--calib", "{missing}"], 7, "missing.npz: not a readable .npz file"),
 ])
-def test_calibration_errors(tmp_path, args, code, message):
+def test_calibration_errors(tmp_path, capsys, args, code, message):
     np.savez(tmp_path / "wrong_name.npz", image=np.zeros((4, 1, 8, 8), np.float32))
     np.savez(tmp_path / "wrong_shape.npz", input=np.zeros((4, 3, 8, 8), np.float32))
     names = {"wrong_name": tmp_path / "wrong_name.npz", "wrong_shape": tmp_path / "wrong_shape.npz",
              "missing": tmp_path / "missing.npz"}
-    exit_code, output = run_cli([str(MODELS / "digits_plain.onnx"), "-o", str(tmp_path / "out.onnx"),
-                                 *[a.format(**names) for a in args]])
-    assert exit_code == code, output
-    assert message in output and "Traceback" not in output
+    exit_code, out, err = run_main([MODELS / "digits_plain.onnx", "-o", tmp_path / "out.onnx",
+                                    *[a.format(**names) for a in args]], capsys)
+    assert exit_code == code, err
+    assert message in err and "Traceback" not in out + err
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -191,7 +187,7 @@ def test_steps_prune_in_rounds_and_report_against_the_original():
         model = from_proto(onnx.load(str(MODELS / "digits_resnet.onnx")))
         report = prune_model(model, PruneOptions(channels=0.5, steps=steps, round_to=1, criterion="recon",
                                                  calib=str(MODELS / "digits_calib.npz")))
-        out = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"input": data["input"]})[0]
+        out = first_output(model.proto, {"input": data["input"]})
         results[steps] = (float((out.argmax(1) == data["labels"]).mean()), report, model)
     (_, one, _), (_, two, model) = results[1], results[2]
     assert [g.before for g in two.groups] == [g.before for g in one.groups]  # sizes of the original model
@@ -201,8 +197,8 @@ def test_steps_prune_in_rounds_and_report_against_the_original():
     final = two.recovery  # the reported error is the final model's, against the original (not the last round's)
     assert len(final.steps) == 2 and final.output_error_after < final.steps[0][0]
     calib = np.load(MODELS / "digits_calib.npz")["input"]
-    ref = ort.InferenceSession(str(MODELS / "digits_resnet.onnx")).run(None, {"input": calib})[0]
-    out = ort.InferenceSession(model.proto.SerializeToString()).run(None, {"input": calib})[0]
+    ref = first_output(MODELS / "digits_resnet.onnx", {"input": calib})
+    out = first_output(model.proto, {"input": calib})
     assert final.output_error_after == pytest.approx(float(np.sum((out - ref) ** 2) / np.sum(ref ** 2)), rel=1e-3)
 
 
@@ -261,8 +257,8 @@ def test_grouped_conv_is_refitted_within_its_groups():
         values[:, 0] = 0
     recovered, zeroed = _zero_and_recover(proto, zero, batches)
     x = RNG.standard_normal((2, 2, 6, 6)).astype(np.float32)
-    assert np.abs(_run(_with_w(proto, zeroed), x) - _run(proto, x)).max() > 0.1
-    np.testing.assert_allclose(_run(recovered, x), _run(proto, x), rtol=1e-3, atol=1e-3)
+    assert np.abs(first_output(_with_w(proto, zeroed), {"x": x}) - first_output(proto, {"x": x})).max() > 0.1
+    np.testing.assert_allclose(first_output(recovered, {"x": x}), first_output(proto, {"x": x}), rtol=1e-3, atol=1e-3)
     new = numpy_helper.to_array(next(t for t in recovered.graph.initializer if t.name == "w"))
     assert new.shape == w.shape and not new[:, 0].any()
 
@@ -281,8 +277,8 @@ def test_depthwise_conv_is_refitted_per_channel():
         values[:, 0, :, 0] = 0
     recovered, zeroed = _zero_and_recover(proto, zero, batches)
     x = columns(2)
-    assert np.abs(_run(_with_w(proto, zeroed), x) - _run(proto, x)).max() > 0.1
-    np.testing.assert_allclose(_run(recovered, x), _run(proto, x), rtol=1e-3, atol=1e-3)
+    assert np.abs(first_output(_with_w(proto, zeroed), {"x": x}) - first_output(proto, {"x": x})).max() > 0.1
+    np.testing.assert_allclose(first_output(recovered, {"x": x}), first_output(proto, {"x": x}), rtol=1e-3, atol=1e-3)
     new = numpy_helper.to_array(next(t for t in recovered.graph.initializer if t.name == "w"))
     assert not new[:, 0, :, 0].any()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -22,6 +21,7 @@ from onnxprune.graph.layers import layer_of
 from onnxprune.recovery.solvers import one_sided, relu_refit
 
 from conftest import MODELS
+from oracle import first_output
 
 RNG = np.random.default_rng(0)
 FLOAT = onnx.TensorProto.FLOAT
@@ -32,10 +32,6 @@ def _model(nodes, inits, in_shape, out_name, out_shape) -> onnx.ModelProto:
                               [helper.make_tensor_value_info(out_name, FLOAT, out_shape)],
                               [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-
-
-def _run(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 def _batches(shape, n=4):
@@ -63,7 +59,7 @@ def test_intercept_restores_what_a_removed_constant_channel_added():
     assert len(consumer.input) == 3 and result.layers[-1].accepted
     onnx.checker.check_model(model.proto, full_check=True)
     x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
-    np.testing.assert_allclose(_run(model.proto, x), _run(proto, x), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(first_output(model.proto, {"x": x}), first_output(proto, {"x": x}), rtol=1e-3, atol=1e-3)
 
 
 def _bn_inits(c: int, gamma: np.ndarray) -> dict:
@@ -195,7 +191,7 @@ def test_few_calibration_samples_do_not_make_held_out_outputs_worse():
     proto = onnx.load(str(MODELS / "convflatten_bn.onnx"))
     calib = {"input": np.random.default_rng(1).standard_normal((64, 3, 32, 32)).astype(np.float32)}
     held_out = {"input": np.random.default_rng(2).standard_normal((256, 3, 32, 32)).astype(np.float32)}
-    ref = ort.InferenceSession(proto.SerializeToString()).run(None, held_out)[0]
+    ref = first_output(proto, held_out)
     errors = {}
     for method in ("none", "lsq"):
         model = from_proto(onnx.load(str(MODELS / "convflatten_bn.onnx")))
@@ -204,7 +200,7 @@ def test_few_calibration_samples_do_not_make_held_out_outputs_worse():
         _, _, _, kept = prune_channels(model, PruneOptions(channels=0.5, round_to=1, criterion="recon"), batches)
         changed = {d.tensor for d in kept if groups.index.is_constant(d.tensor)}
         recover(proto, model, kept, batches, method, changed)
-        out = ort.InferenceSession(model.proto.SerializeToString()).run(None, held_out)[0]
+        out = first_output(model.proto, held_out)
         errors[method] = float(np.sum((out - ref) ** 2) / np.sum(ref ** 2))
     assert errors["lsq"] < errors["none"], errors
 

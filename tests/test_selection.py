@@ -26,7 +26,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from conftest import MODELS
-from test_cli import run_cli
+from cli_support import run_main
 
 A_NORMS = np.array([0.10, 0.12, 0.14, 0.16, 1.84, 1.86, 1.88, 1.90])
 B_NORMS = np.array([1.0, 0.8, 1.2, 0.9, 1.1, 0.7, 1.3, 1.0])
@@ -75,13 +75,13 @@ def test_the_chain_has_the_scores_the_docstring_says():
     np.testing.assert_allclose(b, (1 + B_NORMS) / 2, rtol=1e-6)
 
 
-def prune_chain(tmp_path: Path, *options: str) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+def prune_chain(tmp_path: Path, capsys, *options: str) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Prune the chain through the CLI; returns the report's groups by name and the output's weights."""
     weights = chain_model(tmp_path / "chain.onnx")
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    code, output = run_cli([str(tmp_path / "chain.onnx"), "-o", str(out), "--round-to", "1", "--json", str(report),
-                            *options])
-    assert code == 0, output
+    code, _, err = run_main([tmp_path / "chain.onnx", "-o", out, "--round-to", "1", "--json", report, *options],
+                            capsys)
+    assert code == 0, err
     groups = {g["name"]: g for g in json.loads(report.read_text())["groups"]}
     pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     assert set(pruned) == set(weights)
@@ -96,16 +96,16 @@ def dropped(original: np.ndarray, pruned: np.ndarray, axis: int) -> list[int]:
     return sorted(set(range(len(rows))) - set(found))
 
 
-def test_layer_scope_takes_the_same_share_of_every_group(tmp_path):
-    groups, pruned = prune_chain(tmp_path, "--channels", "0.3")
+def test_layer_scope_takes_the_same_share_of_every_group(tmp_path, capsys):
+    groups, pruned = prune_chain(tmp_path, capsys, "--channels", "0.3")
     assert (groups["conv1"]["after"], groups["conv2"]["after"], groups["conv3"]["after"]) == (6, 6, 2)
     weights = chain_weights()
     assert dropped(weights["w1"], pruned["w1"], 0) == [0, 1]
     assert dropped(weights["w3"], pruned["w3"], 1) == [1, 5]
 
 
-def test_global_scope_takes_more_from_the_group_with_uneven_weights(tmp_path):
-    groups, pruned = prune_chain(tmp_path, "--channels", "0.3", "--scope", "global")
+def test_global_scope_takes_more_from_the_group_with_uneven_weights(tmp_path, capsys):
+    groups, pruned = prune_chain(tmp_path, capsys, "--channels", "0.3", "--scope", "global")
     assert (groups["conv1"]["after"], groups["conv2"]["after"]) == (4, 7)
     weights = chain_weights()
     assert dropped(weights["w1"], pruned["w1"], 0) == [0, 1, 2, 3]
@@ -113,8 +113,8 @@ def test_global_scope_takes_more_from_the_group_with_uneven_weights(tmp_path):
     assert pruned["w2"].shape == (7, 4, 1, 1)  # conv2 lost one output and the four inputs conv1 no longer makes
 
 
-def test_max_group_ratio_caps_a_group_and_the_budget_moves_on(tmp_path):
-    groups, pruned = prune_chain(tmp_path, "--channels", "0.3", "--scope", "global", "--max-group-ratio", "0.4")
+def test_max_group_ratio_caps_a_group_and_the_budget_moves_on(tmp_path, capsys):
+    groups, pruned = prune_chain(tmp_path, capsys, "--channels", "0.3", "--scope", "global", "--max-group-ratio", "0.4")
     assert (groups["conv1"]["after"], groups["conv2"]["after"]) == (5, 6)
     weights = chain_weights()
     assert dropped(weights["w1"], pruned["w1"], 0) == [0, 1, 2]
@@ -123,16 +123,16 @@ def test_max_group_ratio_caps_a_group_and_the_budget_moves_on(tmp_path):
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("glob, whole, shrunk", [("conv2", "conv2", "conv1"), ("w*1", "conv1", "conv2")])
-def test_exclude_keeps_the_matching_group_whole(tmp_path, scope, glob, whole, shrunk):
+def test_exclude_keeps_the_matching_group_whole(tmp_path, capsys, scope, glob, whole, shrunk):
     """A glob on a node name or on a tensor name; in global scope the other group then carries the whole budget of
     its own channels (round(0.3 x 8) = 2, within the cap of 4)."""
-    groups, pruned = prune_chain(tmp_path, "--channels", "0.3", "--scope", scope, "--exclude", glob)
+    groups, pruned = prune_chain(tmp_path, capsys, "--channels", "0.3", "--scope", scope, "--exclude", glob)
     assert groups[whole]["after"] == groups[whole]["before"] == 8
     assert groups[whole]["note"] == "excluded by --exclude"
     assert groups[shrunk]["after"] == 6
 
 
-def test_exclude_on_a_zoo_model_leaves_the_other_groups_as_they_were(tmp_path):
+def test_exclude_on_a_zoo_model_leaves_the_other_groups_as_they_were(tmp_path, capsys):
     """resnet_bn through the CLI: excluding one group by its producer's name keeps it whole and changes no other
     group's count (layer scope, exact rounding)."""
     model = tmp_path / "resnet_bn.onnx"
@@ -140,9 +140,9 @@ def test_exclude_on_a_zoo_model_leaves_the_other_groups_as_they_were(tmp_path):
 
     def groups(*extra: str) -> dict[str, dict]:
         report = tmp_path / "report.json"
-        code, output = run_cli([str(model), "-o", str(tmp_path / "out.onnx"), "--channels", "0.3", "--round-to",
-                                "1", "--json", str(report), *extra])
-        assert code == 0, output
+        code, _, err = run_main([model, "-o", tmp_path / "out.onnx", "--channels", "0.3", "--round-to", "1", "--json",
+                                 report, *extra], capsys)
+        assert code == 0, err
         return {g["name"]: g for g in json.loads(report.read_text())["groups"]}
 
     plain = groups()

@@ -25,6 +25,7 @@ from onnxprune.validate import SCHEMA, ValidateOptions, evaluate_model, run_vali
 from onnxprune.validate.accuracy import Agreement
 from onnxprune.validate.providers import resolve
 from cli_support import run_main
+from oracle import first_output
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "models" / "digits_resnet.onnx"
@@ -47,8 +48,7 @@ def main_cli():
 
 def direct_accuracy(path: Path) -> tuple[float, float]:
     data = np.load(VAL)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {"input": data["input"]})[0]
+    logits = first_output(path, {"input": data["input"]})
     labels = data["labels"]
     top1 = float(np.mean(logits.argmax(1) == labels))
     top5 = float(np.mean([label in np.argsort(-row)[:5] for row, label in zip(logits, labels)]))
@@ -123,12 +123,12 @@ def test_agreement_matches_numpy_over_batches():
     assert res["top1_agreement"] == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
 
 
-def test_json_schema_and_latency(tmp_path):
+def test_json_schema_and_latency(tmp_path, capsys):
     out = tmp_path / "report.json"
-    result = CliRunner().invoke(main_cli(), ["validate", str(RESNET), str(PLAIN), "--data", str(VAL), "--limit",
-                                             "40", "--runs", "4", "--warmup", "1", "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "accuracy" in result.output and "latency" in result.output and "mobile readiness" in result.output
+    code, stdout, stderr = run_main(["validate", RESNET, PLAIN, "--data", VAL, "--limit", "40", "--runs", "4",
+                                     "--warmup", "1", "--json", out], capsys)
+    assert code == 0, stderr
+    assert "accuracy" in stdout and "latency" in stdout and "mobile readiness" in stdout
     d = json.loads(out.read_text())
     assert d["schema"] == SCHEMA
     assert set(d) >= {"original", "pruned", "data", "accuracy", "outputs", "latency", "size", "mobile", "ort_export",
@@ -215,8 +215,7 @@ def test_generated_inputs_without_data():
     from onnxprune.graph.io import load_model  # the same generated inputs, run through both models directly
 
     feed = load_data(load_model(RESNET), DataOptions(limit=6, batch_size=3), None).inputs
-    argmax = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0].argmax(1)
-              for p in (RESNET, PLAIN)]
+    argmax = [first_output(p, feed).argmax(1) for p in (RESNET, PLAIN)]
     assert report.outputs["logits"]["top1_agreement"] == pytest.approx(float(np.mean(argmax[0] == argmax[1])))
 
 

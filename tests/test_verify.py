@@ -9,16 +9,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
-import onnxprune.pipeline as pipeline
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, prune_model
-from onnxprune.prune.structured import apply_plan
+from onnxprune.prune.structured import ChannelPlan, apply_plan
 
 from conftest import MODELS, ZOO
-from test_cli import run_cli, snapshot
+from cli_support import run_main, snapshot
 
 BOTH = ["resnet_bn.onnx", "resnet_dynamo.onnx"]
 PROVED = "verified the channel removal"
@@ -40,85 +40,85 @@ def dynamic_hw(tmp_path: Path, name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", BOTH)
-def test_verify_proves_the_removal_and_says_so(model_copy, tmp_path, name):
+@pytest.mark.parametrize("name", [*BOTH, "densenet_bn.onnx"])
+def test_verify_proves_the_removal_and_says_so(model_copy, tmp_path, capsys, name):
     path = model_copy(name)
-    code, output = run_cli([str(path), "--channels", "0.4", "--round-to", "1", "--verify"])
-    assert code == 0, output
-    assert f"{PROVED}: on random inputs (input 2x3x32x32)" in output
-    assert "masked to zero (max relative difference" in output
-    assert LATER not in output  # nothing changed the weights after the removal
+    code, out, err = run_main([path, "--channels", "0.4", "--round-to", "1", "--verify"], capsys)
+    assert code == 0, err
+    assert f"{PROVED}: on random inputs (input 2x3x32x32)" in out
+    assert "masked to zero (max relative difference" in out
+    assert LATER not in out  # nothing changed the weights after the removal
     assert (tmp_path / name.replace(".onnx", ".pruned.onnx")).exists()
 
 
-def test_verify_says_later_steps_changed_weights(model_copy):
+def test_verify_says_later_steps_changed_weights(model_copy, capsys):
     path = model_copy("resnet_dynamo.onnx")
-    code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--sparsity", "0.5", "--verify"])
-    assert code == 0, output
-    assert PROVED in output
-    assert f"weight sparsity zeroed weights {LATER}" in output
+    code, out, err = run_main([path, "--channels", "0.3", "--round-to", "1", "--sparsity", "0.5", "--verify"], capsys)
+    assert code == 0, err
+    assert PROVED in out
+    assert f"weight sparsity zeroed weights {LATER}" in out
 
 
-def test_verify_says_recovery_changed_weights(tmp_path):
+def test_verify_says_recovery_changed_weights(tmp_path, capsys):
     for name in ("digits_resnet.onnx", "digits_calib.npz"):
         shutil.copy(MODELS / name, tmp_path / name)
-    code, output = run_cli([str(tmp_path / "digits_resnet.onnx"), "--channels", "0.4", "--round-to", "1",
-                            "--criterion", "l1", "--calib", str(tmp_path / "digits_calib.npz"), "--calib-limit",
-                            "32", "--verify"])
-    assert code == 0, output
-    assert "recovery lsq:" in output and PROVED in output
-    assert f"recovery (lsq) re-fitted weights {LATER}" in output
+    code, out, err = run_main([tmp_path / "digits_resnet.onnx", "--channels", "0.4", "--round-to", "1", "--criterion",
+                               "l1", "--calib", tmp_path / "digits_calib.npz", "--calib-limit", "32", "--verify"],
+                              capsys)
+    assert code == 0, err
+    assert "recovery lsq:" in out and PROVED in out
+    assert f"recovery (lsq) re-fitted weights {LATER}" in out
 
 
 @pytest.mark.parametrize("name", BOTH)
-def test_verify_needs_static_dims_besides_the_batch(tmp_path, name):
+def test_verify_needs_static_dims_besides_the_batch(tmp_path, capsys, name):
     path = dynamic_hw(tmp_path, name)
     before = snapshot(tmp_path)
-    code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--verify"])
-    assert code == 4, output
-    assert output.startswith("onnxprune: error: --verify cannot run: input 'input' [batch, 3, height, width] "
-                             "has dynamic dims (height, width)")
-    assert "give --input-shape input:1x3xNxN" in output and "Nothing was written" in output
+    code, out, err = run_main([path, "--channels", "0.3", "--round-to", "1", "--verify"], capsys)
+    assert code == 4, err
+    assert not out and err.startswith("onnxprune: error: --verify cannot run: input 'input' [batch, 3, height, "
+                                      "width] has dynamic dims (height, width)")
+    assert "give --input-shape input:1x3xNxN" in err and "Nothing was written" in err
     assert snapshot(tmp_path) == before
-    code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--verify",
-                            "--input-shape", "input:1x3x32x32"])
-    assert code == 0, output
-    assert f"{PROVED}: on random inputs (input 1x3x32x32)" in output
+    code, out, err = run_main([path, "--channels", "0.3", "--round-to", "1", "--verify", "--input-shape",
+                               "input:1x3x32x32"], capsys)
+    assert code == 0, err
+    assert f"{PROVED}: on random inputs (input 1x3x32x32)" in out
 
 
 @pytest.mark.parametrize("name", BOTH)
-def test_verify_of_an_unknown_input_name_is_a_usage_error(model_copy, tmp_path, name):
+def test_verify_of_an_unknown_input_name_is_a_usage_error(model_copy, tmp_path, capsys, name):
     path = model_copy(name)
     before = snapshot(tmp_path)
-    code, output = run_cli([str(path), "--channels", "0.3", "--verify", "--input-shape", "image:1x3x32x32"])
-    assert code == 2, output
-    assert output.startswith("onnxprune: error:") and "'image'" in output
+    code, out, err = run_main([path, "--channels", "0.3", "--verify", "--input-shape", "image:1x3x32x32"], capsys)
+    assert code == 2, err
+    assert not out and err.startswith("onnxprune: error:") and "'image'" in err
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("name", BOTH)
-def test_verify_of_a_model_too_big_to_hold_fails(model_copy, tmp_path, monkeypatch, name):
+def test_verify_of_a_model_too_big_to_hold_fails(model_copy, tmp_path, monkeypatch, capsys, name):
     monkeypatch.setattr("onnxprune.graph.io.INLINE_LIMIT_BYTES", 1000)
     path = model_copy(name)
     before = snapshot(tmp_path)
-    code, output = run_cli([str(path), "--channels", "0.3", "--verify"])
-    assert code == 4, output
-    assert "--verify cannot run: the model is" in output and "prune without --verify" in output
+    code, _, err = run_main([path, "--channels", "0.3", "--verify"], capsys)
+    assert code == 4, err
+    assert "--verify cannot run: the model is" in err and "prune without --verify" in err
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("name", BOTH)
-def test_verify_without_channels_is_a_usage_error(model_copy, tmp_path, name):
+def test_verify_without_channels_is_a_usage_error(model_copy, tmp_path, capsys, name):
     path = model_copy(name)
     before = snapshot(tmp_path)
-    code, output = run_cli([str(path), "--sparsity", "0.5", "--verify"])
-    assert code == 2, output
-    assert "--verify proves a channel removal: give --channels" in output
+    code, _, err = run_main([path, "--sparsity", "0.5", "--verify"], capsys)
+    assert code == 2, err
+    assert "--verify proves a channel removal: give --channels" in err
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("name", BOTH)
-def test_verify_catches_one_wrong_weight_and_writes_nothing(model_copy, tmp_path, monkeypatch, name):
+def test_verify_catches_one_wrong_weight_and_writes_nothing(model_copy, tmp_path, monkeypatch, capsys, name):
     """Remove the planned channels, then change one value of one pruned weight (streamed to the output's data file
     for the external-data model): exit 4 and the folder is exactly as before."""
 
@@ -134,10 +134,27 @@ def test_verify_catches_one_wrong_weight_and_writes_nothing(model_copy, tmp_path
     monkeypatch.setattr("onnxprune.passes.channels.apply_plan", broken_apply)
     path = model_copy(name)
     before = snapshot(tmp_path)
-    code, output = run_cli([str(path), "--channels", "0.3", "--round-to", "1", "--verify"])
-    assert code == 4, output
-    assert output.startswith("onnxprune: error: internal error: --verify found the pruned model differs from the "
-                             "original with the removed channels masked")
+    code, out, err = run_main([path, "--channels", "0.3", "--round-to", "1", "--verify"], capsys)
+    assert code == 4, err
+    assert not out and err.startswith("onnxprune: error: internal error: --verify found the pruned model differs "
+                                      "from the original with the removed channels masked")
+    assert snapshot(tmp_path) == before
+
+
+def test_verify_catches_a_wrong_removal_and_writes_nothing(model_copy, tmp_path, monkeypatch, capsys):
+    """Sabotage apply_plan (remove other channels than planned): --verify must refuse to write the result."""
+
+    def wrong_apply(groups, plan):
+        shifted = {gid: np.array(sorted({(int(c) + 1) % groups.groups[gid].size for c in ids}))
+                   for gid, ids in plan.remove.items()}
+        return apply_plan(groups, ChannelPlan(shifted))
+
+    monkeypatch.setattr("onnxprune.passes.channels.apply_plan", wrong_apply)
+    path = model_copy("resnet_bn.onnx")
+    before = snapshot(tmp_path)
+    code, _, err = run_main([path, "--channels", "0.3", "--round-to", "1", "--verify"], capsys)
+    assert code == 4, err
+    assert "differs from the original" in err
     assert snapshot(tmp_path) == before
 
 

@@ -12,6 +12,7 @@ from onnxprune import importance
 from onnxprune.errors import ConfigError
 from onnxprune.graph.io import default_output_path
 from onnxprune.pipeline import PruneOptions, prune_file
+from onnxprune.quantize import kinds as quant_kinds
 from onnxprune.recovery import registry as recovery_methods
 from onnxprune.report import check_json_target, prune_dict, render_prune, write_json
 from onnxprune.validate import ValidateOptions, run_validation
@@ -65,6 +66,9 @@ class RoundToType(click.ParamType):
               help=recovery_methods.cli_help())
 @click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
               help="Remove the channels in N equal rounds, recovering after each (with --calib).")
+@click.option("--quantize", "quantize_kind", type=click.Choice(quant_kinds.names()), help=quant_kinds.help_text())
+@click.option("--quant-method", type=click.Choice(list(quant_kinds.METHODS)), default="minmax", show_default=True,
+              help="How --quantize int8 calibrates activation ranges on --calib.")
 @click.option("--verify", is_flag=True, help="Prove the channel removal: compare the result with the original "
               "whose removed channels are masked to zero, on random inputs; a mismatch is an error.")
 @click.option("--validate", "do_validate", is_flag=True, help="Validate the result against the input afterwards.")
@@ -76,7 +80,8 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                   pattern: tuple[int, int] | None, scope: str, criterion: str, reduction: str,
                   round_to: int | None, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
-                  recover_method: str | None, steps: int, verify: bool, do_validate: bool, input_shapes,
+                  recover_method: str | None, steps: int, quantize_kind: str | None, quant_method: str,
+                  verify: bool, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, validation: ValidateOptions) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
     if channels is None and sparsity is None and pattern is None:
@@ -92,7 +97,8 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                            exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
                            input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
-                           recover=recover_method, verify=verify, steps=steps,
+                           recover=recover_method, verify=verify, steps=steps, quantize=quantize_kind,
+                           quant_method=quant_method,
                            preprocess=validation.data.preprocess)
     report = prune_file(model, output, options)
     click.echo(render_prune(report))

@@ -120,8 +120,10 @@ def model_stats(model: LoadedModel, input_shapes: dict[str, list[int]] | None = 
             read again, which matters for models of several GB.
     """
     index = index or GraphIndex(model, static_input_shapes(model, input_shapes))
+    values, scales = _quantized_parts(model)
     params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in iter_tensors(model.proto)
-                 if t.data_type in FLOAT_TYPES and t.name not in _sparse_parts(model))
+                 if (t.data_type in FLOAT_TYPES or t.name in values) and t.name not in scales
+                 and t.name not in _sparse_parts(model))
     params += sum(int(np.prod(s.dims, dtype=np.int64)) for s in model.proto.graph.sparse_initializer)
     weights = {w.name: w for w in find_weights(index)}
     layers, total_macs, unknown = [], 0, False
@@ -151,6 +153,21 @@ def model_stats(model: LoadedModel, input_shapes: dict[str, list[int]] | None = 
     producer = " ".join(p for p in (model.proto.producer_name, model.proto.producer_version) if p)
     return ModelStats(params, None if unknown else total_macs, layers, index.opset, producer,
                       model.file_size)
+
+
+# quantized ops: (inputs holding quantized values, inputs holding their scales and zero points)
+_QUANTIZED_SLOTS = {"DequantizeLinear": ((0,), (1, 2)), "QuantizeLinear": ((), (1, 2)),
+                    "ConvInteger": ((1,), (2, 3)), "MatMulInteger": ((1,), (2, 3))}
+
+
+def _quantized_parts(model: LoadedModel) -> tuple[set[str], set[str]]:
+    """Integer parameters of a quantized model count as parameters; their scales and zero points do not."""
+    values, scales = set(), set()
+    for node in model.proto.graph.node:
+        value_slots, scale_slots = _QUANTIZED_SLOTS.get(node.op_type, ((), ()))
+        values.update(node.input[i] for i in value_slots if i < len(node.input))
+        scales.update(node.input[i] for i in scale_slots if i < len(node.input))
+    return values, scales
 
 
 def _sparse_parts(model: LoadedModel) -> set[str]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import onnx
 
 from onnxprune.data.loader import DataOptions, load_feeds
-from onnxprune.errors import ConfigError
 from onnxprune.importance import Target
 from onnxprune.importance import registry as criteria
 from onnxprune.passes.base import Pass
 from onnxprune.passes.criteria import weight_criterion
 from onnxprune.passes.state import PruneState
-from onnxprune.recovery import registry as recovery_methods
 
 
 class Calibrate(Pass[PruneState]):
@@ -19,11 +17,6 @@ class Calibrate(Pass[PruneState]):
     rounds (``--steps``) loads them in its first round only."""
 
     name = "calibrate"
-
-    def requires(self, state: PruneState) -> None:
-        options = state.options
-        if not options.calib and recovery_methods.chosen_method(options.recover, calibrated=False).needs_calibration:
-            raise ConfigError(f"--recover {options.recover} needs calibration data (--calib)")
 
     def run(self, state: PruneState) -> None:
         options, report = state.options, state.report

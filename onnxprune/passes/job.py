@@ -7,7 +7,9 @@ from onnxprune.passes.calibrate import Calibrate
 from onnxprune.passes.channels import BuildGroups, RemoveChannels, SelectChannels
 from onnxprune.passes.finish import Finish
 from onnxprune.passes.fold import FoldConstants
+from onnxprune.passes.preflight import Preflight
 from onnxprune.passes.prepare import Prepare
+from onnxprune.passes.quantize import Quantize
 from onnxprune.passes.recover import Recover
 from onnxprune.passes.state import PruneState
 from onnxprune.passes.steps import Rounds
@@ -16,6 +18,6 @@ from onnxprune.passes.weights import SparseStorage, ZeroWeights
 # one round: everything a run without --steps does, in order
 ROUND: tuple[Pass[PruneState], ...] = (
     Prepare(), FoldConstants(), Calibrate(), BuildGroups(), SelectChannels(), RemoveChannels(), ZeroWeights(),
-    Recover(), SparseStorage(), Finish())
+    Recover(), Quantize(), SparseStorage(), Finish())
 
-PRUNE: tuple[Pass[PruneState], ...] = (Rounds(ROUND),)
+PRUNE: tuple[Pass[PruneState], ...] = (Preflight(), Rounds(ROUND))

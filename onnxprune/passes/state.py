@@ -17,6 +17,7 @@ from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.stats import ModelStats
 from onnxprune.prune.structured import ChannelPlan
 from onnxprune.prune.unstructured import UnstructuredResult
+from onnxprune.quantize import QuantizationResult
 from onnxprune.recovery.recover import RecoveryResult, Reselect
 
 
@@ -45,6 +46,8 @@ class PruneOptions:
     recover: str | None = None  # None: "lsq" with calibration data, else "none"
     verify: bool = False  # prove the channel removal against the masked original on random inputs
     steps: int = 1  # remove the channels in this many rounds, recovering after each (with --calib)
+    quantize: str | None = None  # after recovery: a key of quantize.KINDS (int8 needs --calib)
+    quant_method: str = "minmax"  # static int8's activation calibration: a key of quantize.METHODS
 
     @property
     def prunes_weights(self) -> bool:
@@ -77,6 +80,7 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     round_to: int | None = None
     recovery: RecoveryResult | None = None
+    quantization: QuantizationResult | None = None
     structure_changed: bool = False  # False: only weight values changed, so the saved graph needs no re-check
 
 

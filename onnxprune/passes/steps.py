@@ -39,7 +39,8 @@ class Rounds(Pass[PruneState]):
             round_options = replace(options, steps=1, channels=per_step(options.channels),
                                     layer_channels=tuple((glob, per_step(r)) for glob, r in options.layer_channels),
                                     sparsity=options.sparsity if last else None,
-                                    pattern=options.pattern if last else None)
+                                    pattern=options.pattern if last else None,
+                                    quantize=options.quantize if last else None)
             round_state = PruneState(state.model, round_options, batches=state.batches, calibrated=state.calibrated,
                                      index=state.index)
             run_passes(self.rounds, round_state)

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxprune.validate.accuracy import run_batch
-from onnxprune.validate.providers import create_session, short_name
+from onnxprune.validate.providers import create_session, device, node_counts, short_name
 
 try:  # optional: exact current RSS; without it we fall back to the peak RSS from getrusage
     import psutil
@@ -80,11 +80,12 @@ def measure_pair(original: str | Path, pruned: str | Path, provider: str, feed: 
             times[key].append((time.perf_counter() - start) * 1000)
         if on_run:
             on_run(1)
-    result: dict = {"provider": short_name(provider), "provider_name": provider, "runs": runs, "warmup": warmup,
+    result: dict = {"provider": short_name(provider), "provider_name": provider, "device": device(provider),
+                    "session_providers": orig.session.get_providers(), "runs": runs, "warmup": warmup,
                     "threads": threads or None, "batch_size": len(next(iter(feed.values())))}
     for key, loaded in (("original", orig), ("pruned", prun)):
         result[key] = {**percentiles(times[key]), "load_ms": loaded.load_s * 1000,
-                       "memory_bytes": loaded.memory_bytes}
+                       "memory_bytes": loaded.memory_bytes, "nodes_by_provider": node_counts(loaded.session)}
     result["speedup"] = result["original"]["median_ms"] / result["pruned"]["median_ms"]
     del orig, prun
     gc.collect()

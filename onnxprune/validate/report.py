@@ -131,7 +131,8 @@ class ValidationReport:
             rows = []
             for lat in self.latency:
                 o, p = lat["original"], lat["pruned"]
-                rows.append([lat["provider"],
+                on_device = lat.get("device") and lat.get("session_providers", [""])[0] != "CPUExecutionProvider"
+                rows.append([lat["provider"] + (f" on {lat['device']}" if on_device else ""),
                              f"{o['median_ms']:.3f} / {o['p90_ms']:.3f} / {o['p99_ms']:.3f}",
                              f"{p['median_ms']:.3f} / {p['p90_ms']:.3f} / {p['p99_ms']:.3f}",
                              f"{lat['speedup']:.2f}x",
