@@ -234,9 +234,11 @@ def _check_folder_after_kill(folder: Path, out: Path, allowed: list[np.ndarray],
         name = path.name
         if name in inputs or name == out.name or name in partners or any(p.match(name) for p in RUN_FILE):
             continue
-        # the one moment of the commit's second half: <out>.data is a hard link of the referenced run file
+        # killed in the commit's second half (after the new <out> took its name, before <out>.data did): <out> refers
+        # to the run's data file; <out>.data is either already a hard link of it, or the previous output's data,
+        # which no model refers to any more and the next run replaces
         assert name == out.name + ".data" and out.exists(), f"unexpected file {name}"
-        assert any(path.samefile(folder / p) for p in partners), f"{name} is not the output's data"
+        assert partners and all(io._RUN_DATA.match(p) for p in partners), f"{name} is not the output's data"
 
 
 def _kill_at(proc: subprocess.Popen, folder: Path, delay: float, after_save_starts: bool) -> None:

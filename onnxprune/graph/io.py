@@ -18,7 +18,9 @@ already complete when it happens):
 3. Only then is the previous output's data file replaced: the run's data file is hard-linked to ``<out>.data``, a
    model referring to that name is committed the same way, and the run's name is dropped. A kill between these
    renames leaves the new output referring to the run's name, which is just as valid (where hard links are not
-   supported it stays that way).
+   supported it stays that way); until the link replaces it, ``<out>.data`` may still hold the previous output's
+   data, which no model refers to any more and the next run replaces. (The folder is fsync'ed between the commit
+   and that replacement, so a power loss can never pair the previous model with the new data.)
 A run killed before the commit (SIGKILL, power loss) leaves only files of the two run patterns, which nobody refers
 to; every run that writes into a folder first sweeps such files whose writer is gone (each run holds an advisory
 lock on its files while it lives). Errors, Ctrl-C and SIGTERM remove the run's files on the spot.

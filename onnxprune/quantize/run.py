@@ -79,8 +79,8 @@ def _preprocess(source: Path, target: Path) -> str | None:
     returns why it failed, or None. Its symbolic shape inference fails on some models: the caller goes on without."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(source), str(target))
+    try:  # onnx's shape inference, not the symbolic one: that needs sympy, and results must not depend on it
+        quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
     except Exception as exc:  # any failure of an optional step: quantize the model as it is
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     return None if target.is_file() else "no output written"
