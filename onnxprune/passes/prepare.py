@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.layers import find_weights
-from onnxprune.graph.stats import model_stats, static_input_shapes
+from onnxprune.graph.stats import model_stats
 from onnxprune.passes.base import Pass
 from onnxprune.passes.state import PruneReport, PruneState
 from onnxprune.passes.verify import verify_feeds
@@ -25,7 +24,7 @@ class Prepare(Pass[PruneState]):
             model.hold_changes = True  # recovery runs the changed model in onnxruntime
         state.too_big = model.external and not model.hold_changes
         if state.index is None:
-            state.index = GraphIndex(model, static_input_shapes(model, options.input_shapes))
+            state.rebuild_index()
         only_weights = options.prunes_weights and not options.channels
         # weights that unstructured pruning reads anyway are counted there, not read an extra time here
         before = model_stats(model, index=state.index,

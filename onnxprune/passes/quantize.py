@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from onnxprune.graph.index import GraphIndex
-from onnxprune.graph.stats import static_input_shapes
 from onnxprune.passes.base import Pass
 from onnxprune.passes.state import PruneState
 from onnxprune.quantize.run import quantize_model
@@ -25,4 +23,4 @@ class Quantize(Pass[PruneState]):
                                              options.exclude)
         report.notes += report.quantization.notes
         report.structure_changed = True  # new nodes and tensors: the saved model is checked
-        state.index = GraphIndex(state.model, static_input_shapes(state.model, options.input_shapes))
+        state.rebuild_index()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from onnxprune.graph.index import GraphIndex
-from onnxprune.graph.stats import static_input_shapes
 from onnxprune.passes.base import Pass
 from onnxprune.passes.state import PruneState
 from onnxprune.recovery import registry as recovery_methods
@@ -31,4 +29,4 @@ class Recover(Pass[PruneState]):
                                         state.changed, reselect=state.reselect)
         state.report.notes += state.report.recovery.notes
         if state.report.recovery.layers or not state.report.recovery.kept:
-            state.index = GraphIndex(state.model, static_input_shapes(state.model, state.options.input_shapes))
+            state.rebuild_index()

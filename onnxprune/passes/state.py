@@ -103,3 +103,10 @@ class PruneState:
     proof: str | None = None  # RemoveChannels with --verify: what was proved
     changed: set[str] = field(default_factory=set)  # RemoveChannels, ZeroWeights: constants whose values changed
     reselect: dict[str, Reselect] = field(default_factory=dict)  # ZeroWeights: zeros recovery chooses (obs)
+
+    def rebuild_index(self) -> None:
+        """Index the model afresh, after a step that replaced the whole proto (a snapshot restored by recovery or a
+        sparse-storage fallback, onnxruntime's quantizer): no index can follow such a change edit by edit."""
+        from onnxprune.graph.stats import static_input_shapes
+
+        self.index = GraphIndex(self.model, static_input_shapes(self.model, self.options.input_shapes))

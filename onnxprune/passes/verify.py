@@ -10,6 +10,7 @@ import onnx
 from onnxprune.channels.groups import GroupSet
 from onnxprune.errors import ConfigError, OutputError
 from onnxprune.graph import io
+from onnxprune.graph.check import short_message
 from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.stats import check_input_shapes
 from onnxprune.passes.state import PruneOptions, PruneReport
@@ -81,8 +82,7 @@ def _run_for_verify(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], failur
     try:
         return run(proto, feeds)
     except Exception as exc:  # onnxruntime raises its own exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise OutputError(f"{failure} ({first}); nothing was written") from None
+        raise OutputError(f"{failure} ({short_message(exc)}); nothing was written") from None
 
 
 def changed_after_removal(report: PruneReport) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import onnx
 
-from onnxprune.graph.index import GraphIndex
-from onnxprune.graph.stats import static_input_shapes
 from onnxprune.passes.base import Pass
 from onnxprune.passes.criteria import weight_criterion
 from onnxprune.passes.state import PruneState
@@ -65,5 +63,5 @@ class SparseStorage(Pass[PruneState]):
             report.notes.append(f"--sparse-storage: {len(moved)} tensors stored as sparse initializers")
         except Exception as exc:  # onnxruntime refuses some sparse layouts: keep the dense model instead
             model.proto.CopyFrom(backup)  # a wholesale restore no index can follow edit by edit: rebuild it
-            state.index = GraphIndex(model, static_input_shapes(model, state.options.input_shapes))
+            state.rebuild_index()
             report.notes.append(f"--sparse-storage fell back to dense storage: onnxruntime could not load it ({exc})")
