@@ -5,6 +5,7 @@ axes are read. Each maps indices exactly or blocks; nothing is guessed."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -219,6 +220,24 @@ def _merged_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], lis
     return blocks
 
 
+def _split_link(x: str, in_shape: list, ia: list[int], a: int, y: str, out_shape: list, oa: list[int],
+                role: str, dim: Dim, op: str) -> list[Link] | Block:
+    """Input axis ``a`` split (row-major) over output axes ``oa`` with several non-1 sizes, e.g. [B,S,H*D] ->
+    [B,S,H,D] or fused qkv [B,N,3*H*D] -> [B,N,3,H,D]. Removing a whole slice along any one output axis is exact;
+    the link goes to the second-to-last non-1 axis (H), so one unit is one head (for fused qkv: its q, k and v
+    together). Input index i maps to its coordinate on that axis."""
+    if [i for i in ia if in_shape[i] != 1] != [a]:
+        return Block(f"{op} regroups several axes into several axes")
+    big_out = [o for o in oa if out_shape[o] != 1]
+    unit_axis = big_out[-2]
+    if role == "out" and dim.axis != unit_axis:
+        return Block(f"{op} splits the channel axis into several axes; only whole slices along output axis "
+                     f"{unit_axis} (heads) can be removed, not along axis {dim.axis} (inside a head)")
+    stride = int(np.prod([out_shape[o] for o in oa if o > unit_axis], dtype=np.int64))
+    n = in_shape[a]
+    return [Link(Dim(x, a), Dim(y, unit_axis), np.arange(n), (np.arange(n) // stride) % out_shape[unit_axis])]
+
+
 def _reshape_links(x: str, y: str, dim: Dim, in_shape, out_shape, ctx, op: str) -> list[Link] | Block:
     blocks = _merged_blocks(in_shape, out_shape)
     if blocks is None:
@@ -227,8 +246,15 @@ def _reshape_links(x: str, y: str, dim: Dim, in_shape, out_shape, ctx, op: str) 
     for ia, oa in blocks:
         if (role == "in" and dim.axis in ia) or (role == "out" and dim.axis in oa):
             big_out = [o for o in oa if out_shape[o] != 1]
-            if len(big_out) != 1:
-                return Block(f"{op} splits the channel axis into several axes")
+            if len(big_out) > 1:
+                if role == "in":
+                    return _split_link(x, in_shape, ia, dim.axis, y, out_shape, oa, role, dim, op)
+                carriers = [a for a in ia if in_shape[a] != 1]
+                if len(carriers) != 1:
+                    return Block(f"{op} regroups several axes into several axes")
+                return _split_link(x, in_shape, ia, carriers[0], y, out_shape, oa, role, dim, op)
+            if not big_out:
+                return Block(f"{op}: the channel axis has size 1 after it")
             if role == "in":
                 return [_merge_link(x, in_shape, ia, dim.axis, y, big_out[0])]
             candidates = [a for a in ia if in_shape[a] != 1 and ctx.tracked(Dim(x, a))]
@@ -265,24 +291,45 @@ def flatten(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
     return [_merge_link(x, in_shape, block_axes, candidates[0], y, out_axis)]
 
 
-def _target_positions(node: onnx.NodeProto, index: GraphIndex) -> list[tuple[str, int] | int] | None:
-    """Where each element of a Reshape target comes from: (constant tensor, offset) or a run-time marker -2."""
+@dataclass(frozen=True)
+class _TargetEntry:
+    """Where one element of a Reshape target comes from: ``offset`` in constant ``const``, or the one-element
+    run-time input ``slot`` of the target's Concat, which reads the size ``read`` (tensor, axis) when traceable."""
+
+    owner: onnx.NodeProto
+    const: str | None = None
+    offset: int = 0
+    slot: int = 0
+    read: tuple[str, int] | None = None
+
+
+def _target_positions(node: onnx.NodeProto, index: GraphIndex) -> list[_TargetEntry | None] | None:
+    """Per element of a Reshape target, where it comes from (None: run time, untraceable); None when unknown."""
     target = node.input[1]
     if index.is_constant(target):
-        return [(target, i) for i in range(int(np.asarray(index.const_value(target)).size))]
+        return [_TargetEntry(node, target, i) for i in range(int(np.asarray(index.const_value(target)).size))]
     producer = index.producer.get(target)
     if producer is None or producer.node.op_type != "Concat":
         return None
+    concat = producer.node
     positions: list = []
-    for piece in producer.node.input:
+    for slot, piece in enumerate(concat.input):
         if index.is_constant(piece):
-            positions += [(piece, i) for i in range(int(np.asarray(index.const_value(piece)).size))]
-        else:
-            shape = index.shape(piece)
-            if shape is None or len(shape) != 1 or shape[0] is None:
-                return None
-            positions += [-2] * shape[0]
+            positions += [_TargetEntry(concat, piece, i) for i in range(int(np.asarray(index.const_value(piece)).size))]
+            continue
+        shape = index.shape(piece)
+        if shape is None or len(shape) != 1 or shape[0] is None:
+            return None
+        items = index.shape_items(piece) if shape[0] == 1 else None
+        read = items[0] if items and isinstance(items[0], tuple) else None
+        positions += [_TargetEntry(concat, slot=slot, read=read)] if shape[0] == 1 else [None] * shape[0]
     return positions
+
+
+def _static_read(entry: _TargetEntry, index: GraphIndex) -> int | None:
+    """The size a run-time target element reads, when that size is fixed (the channel axis of a weighted layer,
+    e.g. ``x.size(2)`` of the hidden stream in ``reshape(b, s, x.size(2))``)."""
+    return None if entry.read is None else index.size(*entry.read)
 
 
 @register("Reshape")
@@ -301,9 +348,11 @@ def reshape(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
     if positions is None or out_axis >= len(positions):
         return Block("Reshape target is computed at run time")
     where = positions[out_axis]
-    if where == -2:
+    if where is None or (where.const is None and _static_read(where, index) != index.size(y, out_axis)):
         return Block("Reshape target size of the channel axis is computed at run time")
-    value = int(np.asarray(index.const_value(where[0])).reshape(-1)[where[1]])
+    if where.const is None:
+        return result
+    value = int(np.asarray(index.const_value(where.const)).reshape(-1)[where.offset])
     if value == 0 and not (result[0].a.axis == out_axis and len(result[0].b_idx) == index.size(x, out_axis)):
         return Block("Reshape copies a dimension (0) that does not carry the channels")
     return result
@@ -311,20 +360,22 @@ def reshape(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
 
 @register_fix("Reshape")
 def reshape_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> None:
+    """Every target element of a changed axis gets the new count (0 and -1 stay: they follow by themselves); a
+    run-time element that read a fixed size becomes that constant."""
     y = node.output[0]
-    positions = _target_positions(node, index)
-    for axis, where in enumerate(positions or []):
+    for axis, where in enumerate(_target_positions(node, index) or []):
         new = kept(Dim(y, axis))
-        if new is None or where == -2:
+        if new is None or where is None:
             continue
-        name, offset = where
-        value = np.array(index.const_value(name), dtype=np.int64)
+        if where.const is None:
+            editor.set_input_value(where.owner, where.slot, np.array([len(new)], dtype=np.int64))
+            continue
+        value = np.array(index.const_value(where.const), dtype=np.int64)
         flat = value.reshape(-1)
-        if flat[offset] in (0, -1) or flat[offset] == len(new):
+        if flat[where.offset] in (0, -1) or flat[where.offset] == len(new):
             continue
-        flat[offset] = len(new)
-        owner = node if name in node.input else index.producer[node.input[1]].node
-        editor.set_input_value(owner, list(owner.input).index(name), value)
+        flat[where.offset] = len(new)
+        editor.set_input_value(where.owner, list(where.owner.input).index(where.const), value)
 
 
 # -- axis renumbering -------------------------------------------------------------------------------------------------

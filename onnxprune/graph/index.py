@@ -166,7 +166,7 @@ class GraphIndex:
     def _reshape_output(self, node: onnx.NodeProto, source: Dims) -> Dims | None:
         """Output shape of a Reshape whose target is traceable; dims read from the input itself cancel out, so a
         symbolic batch dim does not stop the -1 from being resolved."""
-        items = self._shape_items(node.input[1])
+        items = self.shape_items(node.input[1])
         if items is None:
             return None
         x = node.input[0]
@@ -194,7 +194,7 @@ class GraphIndex:
             out[out.index(-1)] = int(np.prod(remaining, dtype=np.int64)) // max(1, int(np.prod(others, dtype=np.int64)))
         return out
 
-    def _shape_items(self, name: str) -> list | None:
+    def shape_items(self, name: str) -> list | None:
         """A 1-D int tensor as a list of ints or (tensor, axis) run-time dims; None when not traceable."""
         value = self.const_value(name) if self.is_constant(name) else None
         if value is not None:
@@ -206,13 +206,13 @@ class GraphIndex:
         if node.op_type == "Concat":
             items: list = []
             for piece in node.input:
-                sub = self._shape_items(piece)
+                sub = self.shape_items(piece)
                 if sub is None:
                     return None
                 items += sub
             return items
         if node.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast"):
-            return self._shape_items(node.input[0])
+            return self.shape_items(node.input[0])
         if node.op_type == "Gather" and self.is_constant(node.input[1]):
             source = self.producer.get(node.input[0])
             if source is None or source.node.op_type != "Shape":
