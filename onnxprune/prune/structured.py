@@ -19,7 +19,7 @@ from onnxprune.channels.groups import ChannelGroup, GroupSet
 from onnxprune.errors import ConfigError
 from onnxprune.graph.index import GraphIndex
 from onnxprune.importance import ChannelScorer, channel_scorer
-from onnxprune.importance.scoring import weight_uses
+from onnxprune.importance.scoring import weight_dims, weight_uses
 from onnxprune.graph.layers import node_macs
 
 
@@ -103,40 +103,58 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
     if scope == "layer":
         targets = {g.id: g.size * (1 - r) if r > 0 else float(g.size) for g, r, _ in candidates}
     else:
-        targets = _global_targets(candidates, ratio, max_group_ratio)
+        targets = _global_targets(candidates, ratio, max_group_ratio,
+                                  {g.id: channel_units(groups, g) for g, _, _ in candidates})
     keeps = _budgeted_rounding(groups, chosen, targets, round_to)
     for group, _, scores in candidates:
         _take_lowest(plan, group, scores, group.size - keeps[group.id])
-    _note_rounding(plan, chosen, targets, keeps, round_to)
+    _note_rounding(plan, chosen, targets, keeps, {g.id: group_multiple(groups, g, round_to) for g in chosen})
     return plan
 
 
 def _global_targets(candidates: list[tuple[ChannelGroup, float, np.ndarray]], ratio: float,
-                    max_group_ratio: float | None) -> dict[int, float]:
+                    max_group_ratio: float | None, units: dict[int, int]) -> dict[int, float]:
     """Kept counts from one ranking of every channel's score over its group's mean score: the lowest ``ratio`` of
-    all channels go, no group losing more than the cap."""
+    all weight rows/columns go, no group losing more than the cap. A channel counts for the ``units`` it owns (a
+    head for its D columns), so a head is not as cheap to take as one FFN neuron."""
     cap = max_group_ratio if max_group_ratio is not None else min(0.9, 2 * ratio)
     pool = [(s / (np.mean(scores) or 1.0), g.id, k) for g, _, scores in candidates for k, s in enumerate(scores)]
     pool.sort()
-    budget = int(round(ratio * sum(g.size for g, _, _ in candidates)))
+    budget = ratio * sum(g.size * units[g.id] for g, _, _ in candidates)
     removed: dict[int, int] = {}
     limit = {g.id: g.size - max(1, math.ceil(g.size * (1 - cap))) for g, _, _ in candidates}
     for _, gid, _ in pool:
-        if budget <= 0:
+        if budget < 0.5:
             break
-        if removed.get(gid, 0) < limit[gid]:
+        if removed.get(gid, 0) < limit[gid] and units[gid] <= 2 * budget:
             removed[gid] = removed.get(gid, 0) + 1
-            budget -= 1
+            budget -= units[gid]
     return {g.id: float(g.size - removed.get(g.id, 0)) for g, _, _ in candidates}
 
 
 def _note_rounding(plan: ChannelPlan, chosen: list[ChannelGroup], targets: dict[int, float],
-                   keeps: dict[int, int], round_to: int) -> None:
+                   keeps: dict[int, int], multiple: dict[int, int]) -> None:
     """Say why a group asked to shrink kept all its channels."""
     for g in chosen:
         if keeps[g.id] == g.size and targets[g.id] < g.size and g.id not in plan.notes:
-            plan.notes[g.id] = (f"kept whole: {g.size} channels cannot drop to a multiple of {round_to} near the "
+            plan.notes[g.id] = (f"kept whole: {g.size} channels cannot drop to a multiple of {multiple[g.id]} near the "
                                 f"target {targets[g.id]:.1f} (--round-to 1 or a smaller block prunes it)")
+
+
+def channel_units(groups: GroupSet, group: ChannelGroup) -> int:
+    """Weight rows or columns one channel of ``group`` owns in its narrowest weighted layer: 1 for a conv or FFN
+    channel, the head dim D for an attention head (its q, k, v columns and output-projection rows)."""
+    counts = [np.bincount(group.members[dim][1], minlength=group.size) for dim in weight_dims(groups, group)]
+    counts = [c for c in counts if c.min() == c.max() and c[0] > 0]
+    return int(min(c[0] for c in counts)) if counts else 1
+
+
+def group_multiple(groups: GroupSet, group: ChannelGroup, round_to: int) -> int:
+    """The kept-channel multiple of a group: ``round_to`` for channels of one row/column (conv, FFN: onnxruntime's
+    kernels work in blocks of them), 1 for channels owning several in every weight (a head and its D columns): a
+    head is its own unit, the per-head attention MatMuls do not depend on the head count, and D is usually a
+    multiple of the block already (64 in BERT)."""
+    return 1 if channel_units(groups, group) > 1 else round_to
 
 
 def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
@@ -151,9 +169,11 @@ def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: di
     """Round every group's kept count to an allowed value near its target, then move groups one allowed step down
     (or back up) so that the estimated MACs stay at most, and as close as possible to, what exact (unrounded)
     pruning would keep. Gentlest moves first: the group whose step is the smallest share of its size."""
-    options = {g.id: allowed_keeps(g.size, round_to) for g in chosen}
-    keeps = {g.id: round_keep(g.size, targets[g.id], round_to) if targets[g.id] < g.size else g.size for g in chosen}
-    if round_to <= 1:
+    multiple = {g.id: group_multiple(groups, g, round_to) for g in chosen}
+    options = {g.id: allowed_keeps(g.size, multiple[g.id]) for g in chosen}
+    keeps = {g.id: round_keep(g.size, targets[g.id], multiple[g.id]) if targets[g.id] < g.size else g.size
+             for g in chosen}
+    if all(m <= 1 for m in multiple.values()):
         return keeps
     costs = {g.id: channel_costs(groups, g) for g in chosen}
     excess = sum(costs[g.id] * (keeps[g.id] - targets[g.id]) for g in chosen)
