@@ -3,6 +3,7 @@ resampling, padding and reductions."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from onnxprune.channels import Dim
@@ -159,7 +160,9 @@ def test_reshape_target_from_shape_gather_concat(opset):
     assert init(pruned, "minus1").tolist() == [-1]
 
 
-def test_reshape_splitting_channel_axis_blocks():
+def test_reshape_splitting_channel_axis_removes_whole_slices():
+    """A channel shuffle (ShuffleNet): the split [8] -> [2, 4] links the conv's channels to the outer axis, so one
+    unit is a group of 4 channels, found again after the Transpose as every second channel of the merged axis."""
     proto = make(OPSET13 + """
     g (float[1,3,6,6] x, float[8,3,1,1] w1, float[4,8,1,1] w2) => (float[1,4,6,6] y)
       <int64[5] s5 = {1, 2, 4, 6, 6}, int64[4] s4 = {1, 8, 6, 6}> {
@@ -170,7 +173,11 @@ def test_reshape_splitting_channel_axis_blocks():
         y = Conv(b, w2)
     }""")
     _, gs = groups_of(proto)
-    assert_blocked(gs, "c", "splits the channel axis")
+    group = assert_prunable(gs, "c", size=2)
+    assert group.indices_of(Dim("c", 1), np.array([1])).tolist() == [4, 5, 6, 7]
+    assert group.indices_of(Dim("b", 1), np.array([1])).tolist() == [1, 3, 5, 7]
+    _, pruned, _ = oracle(proto, {"c": [1]})
+    assert init(pruned, "w1").shape[0] == 4 and init(pruned, "w2").shape[1] == 4
 
 
 def test_transpose_nhwc_into_matmul():

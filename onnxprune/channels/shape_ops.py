@@ -358,6 +358,18 @@ def reshape(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
     return result
 
 
+def _drop_dead_chain(index: GraphIndex, name: str) -> None:
+    """Remove the nodes that computed ``name`` (a Shape -> Gather -> Unsqueeze chain) once nothing reads them."""
+    producer = index.producer.get(name)
+    if producer is None or name in index.graph_outputs or any(index.consumers_of(o) for o in producer.node.output):
+        return
+    inputs = [i for i in producer.node.input if i]
+    index.remove_nodes([producer.node])
+    for upstream in inputs:
+        if not index.is_constant(upstream) or upstream in index.constant_nodes:
+            _drop_dead_chain(index, upstream)
+
+
 @register_fix("Reshape")
 def reshape_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> None:
     """Every target element of a changed axis gets the new count (0 and -1 stay: they follow by themselves); a
@@ -368,7 +380,9 @@ def reshape_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> None:
         if new is None or where is None:
             continue
         if where.const is None:
+            old = where.owner.input[where.slot]
             editor.set_input_value(where.owner, where.slot, np.array([len(new)], dtype=np.int64))
+            _drop_dead_chain(index, old)
             continue
         value = np.array(index.const_value(where.const), dtype=np.int64)
         flat = value.reshape(-1)

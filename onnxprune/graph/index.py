@@ -140,11 +140,54 @@ class GraphIndex:
     def infer_shapes(self) -> None:
         """(Re-)infer the shapes of every tensor (skipped when built with ``infer=False``). The constructor runs it;
         after folding, shapes computed from what were run-time constants may become known, so folding runs it too."""
-        self.shapes, self.dtypes = _infer_shapes(self.model.proto, self._input_shapes) if self._infer else ({}, {})
-        for name, tensor in self.initializers.items():
-            self.shapes[name] = list(tensor.dims)
-            self.dtypes[name] = tensor.data_type
-        self._complete_shapes()
+        hints: dict[str, tuple[int, Dims]] = {}
+        for _ in range(3):  # each round may resolve a Slice whose output feeds another
+            self.shapes, self.dtypes = (_infer_shapes(self.model.proto, self._input_shapes, hints) if self._infer
+                                        else ({}, {}))
+            for name, tensor in self.initializers.items():
+                self.shapes[name] = list(tensor.dims)
+                self.dtypes[name] = tensor.data_type
+            self._complete_shapes()
+            resolved = self._resolved_slices() if self._infer else {}
+            if not resolved:
+                return
+            hints.update({name: (self.dtypes.get(name, 0), dims) for name, dims in resolved.items()})
+
+    def _resolved_slices(self) -> dict[str, Dims]:
+        """Slice outputs onnx's inference left partly unknown though their bounds are traceable sizes: onnx does
+        not use propagated values for Slice bounds, so ``position_ids[:, :seq]`` (BERT exports) loses the batch and
+        sequence dims for the whole model, and with them every MAC count, even at a static ``--input-shape``."""
+        found: dict[str, Dims] = {}
+        for node in self.graph.node:
+            if node.op_type != "Slice" or len(node.input) < 3 or not node.output:
+                continue
+            shape, source = self.shapes.get(node.output[0]), self.shapes.get(node.input[0])
+            if shape is None or None not in shape or source is None:
+                continue
+            args = [self._static_items(node.input[k]) if len(node.input) > k and node.input[k] else None
+                    for k in range(1, 5)]
+            starts, ends, axes, steps = args
+            if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None):
+                continue
+            out = list(source)
+            for k, (begin, end) in enumerate(zip(starts, ends)):
+                axis = axes[k] if axes is not None else k
+                axis = axis + len(out) if axis < 0 else axis
+                if not 0 <= axis < len(out) or out[axis] is None:
+                    out = None
+                    break
+                out[axis] = len(range(*slice(begin, end, steps[k] if steps else 1).indices(out[axis])))
+            if out is not None and None not in out and len(out) == len(shape):
+                found[node.output[0]] = out
+        return found
+
+    def _static_items(self, name: str) -> list[int] | None:
+        """A 1-D int tensor's values when every element is a constant or a known size."""
+        items = self.shape_items(name)
+        if items is None:
+            return None
+        values = [self.size(*item) if isinstance(item, tuple) else item for item in items]
+        return None if None in values else [int(v) for v in values]
 
     def _complete_shapes(self) -> None:
         """Fill in shapes onnx's inference leaves unknown: shape-preserving ops (GroupNormalization has no
@@ -438,9 +481,16 @@ def _delete(container, items: list) -> None:
         del container[k]
 
 
-def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> tuple[dict, dict]:
-    """Static shape inference on a weight-free copy, so large models cost neither time nor memory."""
+def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
+                  hints: dict[str, tuple[int, Dims]] | None = None) -> tuple[dict, dict]:
+    """Static shape inference on a weight-free copy, so large models cost neither time nor memory; ``hints`` are
+    (element type, shape) known better than onnx infers them, given to it as ``value_info`` (it keeps the more
+    specific one)."""
     light = without_weights(proto)
+    if hints:
+        _delete(light.graph.value_info, [vi for vi in light.graph.value_info if vi.name in hints])
+        for name, (elem, dims) in hints.items():
+            light.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, dims))
     for inp in light.graph.input:
         if inp.name in input_shapes:
             dims = inp.type.tensor_type.shape.dim
