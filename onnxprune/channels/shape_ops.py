@@ -194,19 +194,23 @@ def _merged_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], lis
             blocks.append(([i], [j]))  # a symbolic dim (batch) kept in place
             i, j = i + 1, j + 1
             continue
-        if None in in_shape[i:] or None in out_shape[j:]:
-            return None
         ia, oa, pi, pj = [], [], 1, 1
-        while True:
+        while True:  # a symbolic dim may only pair with a symbolic dim (above), never inside a run
             if pi <= pj and i < len(in_shape):
+                if in_shape[i] is None:
+                    return None
                 pi *= in_shape[i]
                 ia.append(i)
                 i += 1
             elif j < len(out_shape):
+                if out_shape[j] is None:
+                    return None
                 pj *= out_shape[j]
                 oa.append(j)
                 j += 1
             elif i < len(in_shape):
+                if in_shape[i] is None:
+                    return None
                 pi *= in_shape[i]
                 ia.append(i)
                 i += 1
@@ -257,9 +261,13 @@ def _reshape_links(x: str, y: str, dim: Dim, in_shape, out_shape, ctx, op: str) 
                 return Block(f"{op}: the channel axis has size 1 after it")
             if role == "in":
                 return [_merge_link(x, in_shape, ia, dim.axis, y, big_out[0])]
+            copies = _copied_axes(ctx.index, x)
             candidates = [a for a in ia if in_shape[a] != 1 and ctx.tracked(Dim(x, a))]
             if len(candidates) != 1:
-                candidates = [a for a in ia if in_shape[a] != 1]
+                candidates = [a for a in ia if in_shape[a] != 1 and a not in copies]
+            if not candidates and copies:
+                return Block(f"{op} merges only copies made by Expand (e.g. one kv head shared by every q head): "
+                             "removing a q head alone would change the copy count")
             if len(candidates) != 1:
                 return Block(f"{op} merges several axes; cannot tell which one carries channels")
             return [_merge_link(x, in_shape, ia, candidates[0], y, dim.axis)]
@@ -370,13 +378,15 @@ def _drop_dead_chain(index: GraphIndex, name: str) -> None:
             _drop_dead_chain(index, upstream)
 
 
-@register_fix("Reshape")
-def reshape_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> None:
-    """Every target element of a changed axis gets the new count (0 and -1 stay: they follow by themselves); a
-    run-time element that read a fixed size becomes that constant."""
+def _update_target(node: onnx.NodeProto, index: GraphIndex, kept, editor, follows: tuple[int, ...]) -> None:
+    """Give every element of ``node``'s shape input (Reshape target, Expand shape; right-aligned with the output)
+    whose output axis shrank the new count. Values in ``follows`` adapt by themselves and stay (Reshape's 0 and
+    -1, Expand's 1); a run-time element that read a fixed size becomes that constant."""
     y = node.output[0]
-    for axis, where in enumerate(_target_positions(node, index) or []):
-        new = kept(Dim(y, axis))
+    positions = _target_positions(node, index) or []
+    shift = (index.rank(y) or len(positions)) - len(positions)
+    for pos, where in enumerate(positions):
+        new = kept(Dim(y, pos + shift))
         if new is None or where is None:
             continue
         if where.const is None:
@@ -386,10 +396,57 @@ def reshape_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> None:
             continue
         value = np.array(index.const_value(where.const), dtype=np.int64)
         flat = value.reshape(-1)
-        if flat[where.offset] in (0, -1) or flat[where.offset] == len(new):
+        if flat[where.offset] in follows or flat[where.offset] == len(new):
             continue
         flat[where.offset] = len(new)
         editor.set_input_value(where.owner, list(where.owner.input).index(where.const), value)
+
+
+@register_fix("Reshape")
+def reshape_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> None:
+    _update_target(node, index, kept, editor, (0, -1))
+
+
+def _copied_axes(index: GraphIndex, x: str) -> set[int]:
+    """Axes of ``x`` along which an Expand only copies (its input has size 1 there): every slice is the same, so
+    they carry no channels of their own (grouped-query attention's repeat of the kv heads)."""
+    producer = index.producer.get(x)
+    if producer is None or producer.node.op_type != "Expand":
+        return set()
+    source, rank = index.shape(producer.node.input[0]), index.rank(x)
+    if source is None or rank is None:
+        return set()
+    shift = rank - len(source)
+    return {a for a in range(rank) if a < shift or (source[a - shift] == 1 and index.size(x, a) != 1)}
+
+
+@register("Expand")
+def expand(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
+    """Axes the input already has pass through (the shape input is updated); axes it broadcasts from size 1 are
+    copies, which cannot lose channels."""
+    index = ctx.index
+    x, y = node.input[0], node.output[0]
+    role, pos = slot_of(node, dim)
+    rx, ry = index.rank(x), index.rank(y)
+    if (role == "in" and pos != 0) or rx is None or ry is None:
+        return Block("Expand shape is data, or ranks unknown")
+    x_axis = dim.axis if role == "in" else dim.axis - (ry - rx)
+    y_axis = x_axis + ry - rx
+    if x_axis < 0 or index.size(x, x_axis) != index.size(y, y_axis):
+        return Block("Expand copies along the channel axis")
+    positions = _target_positions(node, index)
+    at = y_axis - (ry - len(positions)) if positions is not None else -1
+    if positions is None or (at >= 0 and positions[at] is None):
+        return Block("Expand shape is computed at run time")
+    where = positions[at] if at >= 0 else None
+    if where is not None and where.const is None and _static_read(where, index) != index.size(y, y_axis):
+        return Block("Expand shape of the channel axis is computed at run time")
+    return [Link(Dim(x, x_axis), Dim(y, y_axis))]
+
+
+@register_fix("Expand")
+def expand_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> None:
+    _update_target(node, index, kept, editor, (1,))
 
 
 # -- axis renumbering -------------------------------------------------------------------------------------------------
