@@ -352,14 +352,14 @@ def test_auto_pad_and_rank4_matmul():
 def test_more_blocking_ops_name_the_reason():
     template = OPSET13 + """
     g (float[N,3,6,6] x, float[6,3,3,3] w1, float[4,6,1,1] w2) => (float[N,4,4,4] y{extra_out})
-      <int64[1] one = {{1}}, int64[4] sh = {{1, 6, 4, 4}}> {{
+      <int64[1] one = {{1}}, int64[4] reps = {{1, 1, 1, 1}}> {{
         c = Conv(x, w1)
         {line}
         y = Conv(n, w2)
     }}"""
     cases = [
         ("n = LpNormalization <axis=1> (c)", "", "LpNormalization mixes values along the channel axis"),
-        ("n = Expand(c, sh)", "", "op Expand has no channel rule"),
+        ("n = Tile(c, reps)", "", "op Tile has no channel rule"),
         ("n = Relu(c)\n        s = Shape(c)\n        z = Gather(s, one)", ", int64[1] z",
          "the channel count is read at run time (Shape)"),
         ("n, idx = MaxPool <kernel_shape=[1,1]> (c)", ", int64[N,6,4,4] idx",
