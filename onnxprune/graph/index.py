@@ -22,6 +22,7 @@ import onnx
 from onnxprune.graph.io import LoadedModel
 
 Dims = list  # list[int | None]: None is an unknown (symbolic) size
+HINT_ROUNDS = 16  # onnx re-runs with completed shapes: one per chain of reshapes onnx cannot follow (opset 13)
 CACHE_LIMIT_BYTES = 256 * 1024  # larger weights are decoded again when needed: no second copy of a model
 SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization",
                     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu", "Erf", "Clip",
@@ -141,17 +142,21 @@ class GraphIndex:
         """(Re-)infer the shapes of every tensor (skipped when built with ``infer=False``). The constructor runs it;
         after folding, shapes computed from what were run-time constants may become known, so folding runs it too."""
         hints: dict[str, tuple[int, Dims]] = {}
-        for _ in range(3):  # each round may resolve a Slice whose output feeds another
-            self.shapes, self.dtypes = (_infer_shapes(self.model.proto, self._input_shapes, hints) if self._infer
-                                        else ({}, {}))
+        for _ in range(HINT_ROUNDS):  # shapes completed here go back to onnx, which carries them on to later ops
+            inferred = _infer_shapes(self.model.proto, self._input_shapes, hints) if self._infer else ({}, {})
+            if inferred is None:  # onnx refused the hints: keep the last round
+                return
+            self.shapes, self.dtypes = inferred
             for name, tensor in self.initializers.items():
                 self.shapes[name] = list(tensor.dims)
                 self.dtypes[name] = tensor.data_type
-            self._complete_shapes()
-            resolved = self._resolved_slices() if self._infer else {}
-            if not resolved:
+            completed = self._complete_shapes()
+            if self._infer:
+                completed.update(self._resolved_slices())
+            new = {name: dims for name, dims in completed.items() if hints.get(name, (0, None))[1] != dims}
+            if not new or not self._infer:
                 return
-            hints.update({name: (self.dtypes.get(name, 0), dims) for name, dims in resolved.items()})
+            hints.update({name: (self.dtypes.get(name, 0), dims) for name, dims in new.items()})
 
     def _resolved_slices(self) -> dict[str, Dims]:
         """Slice outputs onnx's inference left partly unknown though their bounds are traceable sizes: onnx does
@@ -162,7 +167,7 @@ class GraphIndex:
             if node.op_type != "Slice" or len(node.input) < 3 or not node.output:
                 continue
             shape, source = self.shapes.get(node.output[0]), self.shapes.get(node.input[0])
-            if shape is None or None not in shape or source is None:
+            if (shape is not None and None not in shape) or source is None:
                 continue
             args = [self._static_items(node.input[k]) if len(node.input) > k and node.input[k] else None
                     for k in range(1, 5)]
@@ -177,7 +182,7 @@ class GraphIndex:
                     out = None
                     break
                 out[axis] = len(range(*slice(begin, end, steps[k] if steps else 1).indices(out[axis])))
-            if out is not None and None not in out and len(out) == len(shape):
+            if out is not None and None not in out and (shape is None or len(out) == len(shape)):
                 found[node.output[0]] = out
         return found
 
@@ -189,22 +194,30 @@ class GraphIndex:
         values = [self.size(*item) if isinstance(item, tuple) else item for item in items]
         return None if None in values else [int(v) for v in values]
 
-    def _complete_shapes(self) -> None:
+    def _complete_shapes(self) -> dict[str, Dims]:
         """Fill in shapes onnx's inference leaves unknown: shape-preserving ops (GroupNormalization has no
         inference function) and Reshape targets built from Shape/Gather/Concat of the input itself (the classic
-        ``x.view(x.size(0), -1)`` export)."""
+        ``x.view(x.size(0), -1)`` export, and attention's ``view(b, s, heads, d)`` at opsets whose Unsqueeze onnx
+        does not propagate). Returns what it filled in."""
+        filled: dict[str, Dims] = {}
         for node in self.graph.node:
-            if not node.output or not node.input or node.output[0] in self.shapes:
+            if not node.output or not node.input:
+                continue
+            known = self.shapes.get(node.output[0])
+            if known is not None and None not in known:
                 continue
             source = self.shapes.get(node.input[0])
             if source is None:
                 continue
-            if node.op_type in SHAPE_PRESERVING:
-                self.shapes[node.output[0]] = list(source)
+            resolved = None
+            if node.op_type in SHAPE_PRESERVING and known is None:
+                resolved = list(source)
             elif node.op_type == "Reshape":
                 resolved = self._reshape_output(node, source)
-                if resolved is not None:
-                    self.shapes[node.output[0]] = resolved
+            if resolved is not None and (known is None or _more_known(resolved, known)):
+                self.shapes[node.output[0]] = resolved
+                filled[node.output[0]] = resolved
+        return filled
 
     def _reshape_output(self, node: onnx.NodeProto, source: Dims) -> Dims | None:
         """Output shape of a Reshape whose target is traceable; dims read from the input itself cancel out, so a
@@ -472,6 +485,12 @@ class GraphIndex:
             self.consumers.pop(name, None)
 
 
+def _more_known(new: Dims, old: Dims) -> bool:
+    """``new`` agrees with every known dim of ``old`` and knows more of them."""
+    return (len(new) == len(old) and all(o is None or o == n for n, o in zip(new, old))
+            and sum(n is not None for n in new) > sum(o is not None for o in old))
+
+
 def _delete(container, items: list) -> None:
     """Delete ``items`` (by identity) from a repeated proto field. Deleting by position keeps every other element the
     same Python object, which the maps hold; rebuilding the field (``del field[:]`` then ``extend``) would copy them
@@ -482,10 +501,10 @@ def _delete(container, items: list) -> None:
 
 
 def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
-                  hints: dict[str, tuple[int, Dims]] | None = None) -> tuple[dict, dict]:
+                  hints: dict[str, tuple[int, Dims]] | None = None) -> tuple[dict, dict] | None:
     """Static shape inference on a weight-free copy, so large models cost neither time nor memory; ``hints`` are
     (element type, shape) known better than onnx infers them, given to it as ``value_info`` (it keeps the more
-    specific one)."""
+    specific one); None when onnx fails with them."""
     light = without_weights(proto)
     if hints:
         _delete(light.graph.value_info, [vi for vi in light.graph.value_info if vi.name in hints])
@@ -500,6 +519,8 @@ def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
     except Exception:  # inference is best effort: unknown shapes only make rules more conservative
+        if hints:
+            return None
         inferred = light
     shapes: dict[str, Dims] = {}
     dtypes: dict[str, int] = {}
