@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
+from onnxprune.channels.attention import AttentionBlock, FeedForward
 from onnxprune.errors import OutputError
 from onnxprune.formatting import human, table as _table
 from onnxprune.pipeline import PruneReport
@@ -36,6 +37,21 @@ def render_inspect(stats: ModelStats, path: str) -> str:
     return (f"{path}: opset {stats.opset}, producer '{stats.producer}', {human(stats.file_size)}B on disk\n{body}\n"
             f"total: {human(stats.params)} parameters ({human(stats.layer_params)} in {len(stats.layers)} "
             f"prunable layers, {100 * total_sparsity:.1f}% zero), {human(stats.macs)} MACs")
+
+
+def render_transformer(blocks: list[AttentionBlock], ffns: list[FeedForward]) -> str:
+    """Per attention block its heads, head dim and removable units; per FFN its width (empty without attention)."""
+    if not blocks:
+        return ""
+    rows = [[b.softmax, str(b.heads or "?"), str(b.head_dim or "?"), str(b.units or "frozen"), human(b.macs),
+             b.note] for b in blocks]
+    text = "attention blocks (MACs: scores and context MatMuls)\n" + _table(
+        ["softmax", "heads", "head dim", "removable units", "MACs", "note"], rows)
+    if ffns:
+        text += "\nfeed-forward layers\n" + _table(
+            ["layer", "width", "removable", "note"], [[f.layer, str(f.width), "yes" if f.removable else "no", f.note]
+                                                      for f in ffns])
+    return text
 
 
 def prune_dict(report: PruneReport) -> dict:
