@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent))
+from attention_graphs import Spec, build, specs  # noqa: E402
 from oracle import assert_matches, masked_model, random_feeds  # noqa: E402
 
+from onnxprune.channels import Dim  # noqa: E402
 from onnxprune.graph.io import from_proto  # noqa: E402
 from onnxprune.pipeline import find_groups  # noqa: E402
 from onnxprune.prune.structured import ChannelPlan, apply_plan  # noqa: E402
@@ -401,6 +403,54 @@ def test_random_graphs_were_not_vacuous():
     assert STATS["graphs"] >= 100, STATS
     assert STATS["with_prunable"] >= 0.9 * STATS["graphs"], STATS
     assert STATS["groups_pruned"] >= 1.5 * STATS["graphs"], STATS
+
+
+# -- attention blocks -------------------------------------------------------------------------------------------------
+
+ATTENTION_STATS = {"graphs": 0, "heads_pruned": 0}
+
+
+def _heads_expected(spec: Spec) -> bool:
+    """Whether every layer's heads must come out as one removable group: more than one kv head, and a head dim
+    over 1 for the [B, S, 3, H, D] reshape (with D = 1 the split cannot tell H from the q/k/v axis; frozen)."""
+    return spec.kv_heads > 1 and not (spec.qkv == "reshape5" and spec.head_dim == 1)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(spec=specs(), seed=st.integers(0, 2**32 - 1))
+def test_random_attention_pruning_matches_masked_original(spec: Spec, seed: int):
+    """Attention blocks as exporters write them (tests/attention_graphs.py): separate or fused q/k/v (Split, Slice,
+    [B, S, 3, H, D] Reshape), MatMul+Add or Gemm, with and without bias, pre-/post-/no LayerNorm, mask Add, scale
+    Div/Mul, grouped-query attention, static or symbolic batch and sequence. Every layer's heads form one group
+    of kv-head units; random heads and FFN neurons go, and the result equals the masked original."""
+    note(spec.describe())
+    proto = build(spec)
+    model, gs, plan = prune_random(proto, np.random.default_rng(seed))
+    for g in gs.groups:
+        note(f"group {g.id} size {g.size} {'remove ' + str(plan.get(g.id)) if g.prunable else g.blocked}")
+    heads = [g for g in gs.prunable() if g.size == spec.kv_heads and g.id in plan
+             and any(Dim(t, 1) in g.dims for t in _q_weights(proto))]
+    if _heads_expected(spec):
+        assert len(heads) == spec.layers, [(g.size, g.blocked) for g in gs.groups]
+    ATTENTION_STATS["graphs"] += 1
+    ATTENTION_STATS["heads_pruned"] += len(heads)
+    masked = masked_model(proto, gs, plan)
+    apply_plan(gs, ChannelPlan(dict(plan)))
+    onnx.checker.check_model(model.proto, full_check=True)
+    for batch in (spec.batch, spec.batch + 1) if spec.dynamic else (spec.batch,):  # symbolic dims: other sizes
+        assert_matches(masked, model.proto, random_feeds(proto, batch=batch))
+
+
+def _q_weights(proto: onnx.ModelProto) -> list[str]:
+    """Weights of the layers whose output is cut into heads (the q or fused qkv projection)."""
+    return [n.input[1] for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+
+
+def test_random_attention_graphs_were_not_vacuous():
+    if ATTENTION_STATS["graphs"] == 0:
+        pytest.skip("the attention property did not run in this session")
+    assert ATTENTION_STATS["heads_pruned"] >= 0.6 * ATTENTION_STATS["graphs"], ATTENTION_STATS
 
 
 # -- the oracle can fail ----------------------------------------------------------------------------------------------
