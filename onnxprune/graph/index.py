@@ -217,6 +217,9 @@ class GraphIndex:
             if resolved is not None and (known is None or _more_known(resolved, known)):
                 self.shapes[node.output[0]] = resolved
                 filled[node.output[0]] = resolved
+                if not self.dtypes.get(node.output[0]):  # no inference function: no type either
+                    to = attr(node, "to") if node.op_type == "Cast" else None
+                    self.dtypes[node.output[0]] = to or self.dtypes.get(node.input[0], 0)
         return filled
 
     def _reshape_output(self, node: onnx.NodeProto, source: Dims) -> Dims | None:
@@ -529,7 +532,8 @@ def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
             continue
-        dtypes[vi.name] = tt.elem_type
+        if tt.elem_type:
+            dtypes[vi.name] = tt.elem_type
         if tt.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
     return shapes, dtypes
