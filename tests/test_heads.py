@@ -110,7 +110,7 @@ def test_walk_arriving_inside_a_head_blocks_with_the_reason():
     consumer = next(n for n in graph.node if reshape.output[0] in n.input and n.op_type == "Transpose")
     consumer.input[0] = "mixed"
     _, gs = groups_of(proto)
-    assert_blocked(gs, "inner", "inside a head", axis=3)
+    assert_blocked(gs, "inner", "only slices along output axis 2 (whole heads)", axis=3)
 
 
 # -- exact removal ----------------------------------------------------------------------------------------------------
@@ -308,3 +308,51 @@ def test_inspect_shows_heads_and_ffn_width(capsys, tmp_path):
     prune_model(model, PruneOptions(channels=0.5, round_to=1))
     after = attention_blocks(find_groups(model))
     assert [(b.heads, b.head_dim, b.units) for b in after] == [(2, 8, 2)] * 2
+
+
+# -- head dims (--attention-units head-dims) --------------------------------------------------------------------------
+
+def _kept_columns(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Original column of every pruned column, by value."""
+    return np.array([int(np.flatnonzero((before == col[:, None]).all(axis=0))[0]) for col in after.T])
+
+
+def test_head_dims_remove_the_same_dims_of_every_head_exactly():
+    """Units are one dim of every head: q/k dims together, v/proj dims together. Checked independently: the
+    removed v dims are read from the output projection's rows, the q/k dims from q's columns, and zeroing only
+    v's and q's columns for them in the original gives the pruned outputs."""
+    original = _load()
+    model = from_proto(_copy(original))
+    report = prune_model(model, PruneOptions(channels=0.25, round_to=1, attention_units="head-dims",
+                                             exclude=("*fc1*",), verify=True))
+    assert any("verified the channel removal" in n for n in report.notes), report.notes
+    before, after = _weights(original), _weights(model.proto)
+    masked = _copy(original)
+    zero: dict[str, np.ndarray] = {}
+    for layer in (0, 1):
+        proj = _projections(original, layer)
+        rows = _kept_columns(before[proj["proj"][0]].T, after[proj["proj"][0]].T)
+        q_cols = _kept_columns(before[proj["q"][0]], after[proj["q"][0]])
+        for kept, n_kept in ((rows, 6), (q_cols, 6)):  # 8 dims per head, 0.25 of them gone, in every head alike
+            dims = [set(kept[kept // HEAD_DIM == h] % HEAD_DIM) for h in range(HEADS)]
+            assert all(d == dims[0] for d in dims) and len(dims[0]) == n_kept, dims
+        for role, kept in (("v", rows), ("q", q_cols)):
+            for name in proj[role]:
+                zero[name] = np.setdiff1d(np.arange(HEADS * HEAD_DIM), kept)
+    for tensor in masked.graph.initializer:
+        if tensor.name in zero:
+            value = numpy_helper.to_array(tensor).copy()
+            value[..., zero[tensor.name]] = 0
+            tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    assert_matches(masked, model.proto, random_feeds(original, batch=3))
+
+
+def test_cli_attention_units_head_dims(capsys, tmp_path):
+    out = tmp_path / "hd.onnx"
+    code, text, err = run_main([TRANSFORMER, "--channels", "0.5", "--round-to", "1", "--attention-units",
+                                "head-dims", "-o", out], capsys)
+    assert code == 0, err
+    sizes = [line.split()[-3:] for line in text.splitlines() if "/attn/q/MatMul" in line or "/attn/v/MatMul" in line]
+    assert [s[0:3] for s in sizes] == [["8", "->", "4"]] * 4, text
+    blocks = attention_blocks(find_groups(from_proto(onnx.load(str(out)))))
+    assert [(b.heads, b.head_dim) for b in blocks] == [(4, 4)] * 2

@@ -26,6 +26,8 @@ from attention_graphs import Spec, build, specs  # noqa: E402
 from oracle import assert_matches, masked_model, random_feeds  # noqa: E402
 
 from onnxprune.channels import Dim  # noqa: E402
+from onnxprune.channels.groups import build_groups  # noqa: E402
+from onnxprune.graph.index import GraphIndex  # noqa: E402
 from onnxprune.graph.io import from_proto  # noqa: E402
 from onnxprune.pipeline import find_groups  # noqa: E402
 from onnxprune.prune.structured import ChannelPlan, apply_plan  # noqa: E402
@@ -352,10 +354,10 @@ def graphs(draw) -> Case:
 
 # -- the property -----------------------------------------------------------------------------------------------------
 
-def prune_random(proto: onnx.ModelProto, rng: np.random.Generator):
+def prune_random(proto: onnx.ModelProto, rng: np.random.Generator, head_dims: bool = False):
     """Groups of ``proto`` and a plan removing a random non-empty proper subset of every prunable group."""
     model = from_proto(_copy(proto))
-    gs = find_groups(model)
+    gs = build_groups(GraphIndex(model), head_dims) if head_dims else find_groups(model)
     plan = {}
     for g in gs.prunable():
         if g.size > 1:
@@ -418,20 +420,21 @@ def _heads_expected(spec: Spec) -> bool:
 
 @settings(max_examples=80, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(spec=specs(), seed=st.integers(0, 2**32 - 1))
-def test_random_attention_pruning_matches_masked_original(spec: Spec, seed: int):
+@given(spec=specs(), head_dims=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_random_attention_pruning_matches_masked_original(spec: Spec, head_dims: bool, seed: int):
     """Attention blocks as exporters write them (tests/attention_graphs.py): separate or fused q/k/v (Split, Slice,
     [B, S, 3, H, D] Reshape), MatMul+Add or Gemm, with and without bias, pre-/post-/no LayerNorm, mask Add, scale
     Div/Mul, grouped-query attention, static or symbolic batch and sequence. Every layer's heads form one group
-    of kv-head units; random heads and FFN neurons go, and the result equals the masked original."""
-    note(spec.describe())
+    of kv-head units (or, with ``head_dims``, groups of head dims); random units and FFN neurons go, and the
+    result equals the masked original."""
+    note(f"{spec.describe()} head_dims={head_dims}")
     proto = build(spec)
-    model, gs, plan = prune_random(proto, np.random.default_rng(seed))
+    model, gs, plan = prune_random(proto, np.random.default_rng(seed), head_dims)
     for g in gs.groups:
         note(f"group {g.id} size {g.size} {'remove ' + str(plan.get(g.id)) if g.prunable else g.blocked}")
     heads = [g for g in gs.prunable() if g.size == spec.kv_heads and g.id in plan
              and any(Dim(t, 1) in g.dims for t in _q_weights(proto))]
-    if _heads_expected(spec):
+    if _heads_expected(spec) and not head_dims:
         assert len(heads) == spec.layers, [(g.size, g.blocked) for g in gs.groups]
     ATTENTION_STATS["graphs"] += 1
     ATTENTION_STATS["heads_pruned"] += len(heads)

@@ -95,8 +95,9 @@ class GroupSet:
 class _Builder:
     """Breadth-first walk over dims, collecting atom links and blocked dims."""
 
-    def __init__(self, index: GraphIndex) -> None:
+    def __init__(self, index: GraphIndex, head_dims: bool = False) -> None:
         self.index = index
+        self.head_dims = head_dims
         self.offsets: dict[Dim, int] = {}
         self.sizes: dict[Dim, int] = {}
         self.total = 0
@@ -210,13 +211,18 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             labels = nxt
 
 
-def build_groups(index: GraphIndex) -> GroupSet:
+def build_groups(index: GraphIndex, head_dims: bool = False) -> GroupSet:
     """Find every group of coupled channels in ``index``'s graph.
+
+    Args:
+        head_dims: where a Reshape splits a channel axis into several (attention's [H*D] -> [H, D]), a unit is one
+            index of the last axis in every head (a head dim: q/k dims together, v/output-projection dims together)
+            instead of one whole head.
 
     Returns:
         The groups, prunable or not; frozen groups say why in ``blocked``.
     """
-    builder = _Builder(index)
+    builder = _Builder(index, head_dims)
     seeds = seed_dims(index)
     seed_owner: dict[Dim, str] = {}
     for dim, node in seeds:

@@ -44,6 +44,7 @@ class Block:
 
 class RuleContext(Protocol):
     index: GraphIndex
+    head_dims: bool  # a split channel axis ([H*D] -> [H, D]) is removed by its last axis (D) instead of H
 
     def tracked(self, dim: Dim) -> bool: ...
 

@@ -225,18 +225,20 @@ def _merged_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], lis
 
 
 def _split_link(x: str, in_shape: list, ia: list[int], a: int, y: str, out_shape: list, oa: list[int],
-                role: str, dim: Dim, op: str) -> list[Link] | Block:
+                role: str, dim: Dim, op: str, head_dims: bool) -> list[Link] | Block:
     """Input axis ``a`` split (row-major) over output axes ``oa`` with several non-1 sizes, e.g. [B,S,H*D] ->
     [B,S,H,D] or fused qkv [B,N,3*H*D] -> [B,N,3,H,D]. Removing a whole slice along any one output axis is exact;
     the link goes to the second-to-last non-1 axis (H), so one unit is one head (for fused qkv: its q, k and v
-    together). Input index i maps to its coordinate on that axis."""
+    together), or with ``head_dims`` to the last one (D: the same dim of every head). Input index i maps to its
+    coordinate on that axis."""
     if [i for i in ia if in_shape[i] != 1] != [a]:
         return Block(f"{op} regroups several axes into several axes")
     big_out = [o for o in oa if out_shape[o] != 1]
-    unit_axis = big_out[-2]
+    unit_axis = big_out[-1] if head_dims else big_out[-2]
     if role == "out" and dim.axis != unit_axis:
-        return Block(f"{op} splits the channel axis into several axes; only whole slices along output axis "
-                     f"{unit_axis} (heads) can be removed, not along axis {dim.axis} (inside a head)")
+        what = "the same dim of every head (--attention-units head-dims)" if head_dims else "whole heads"
+        return Block(f"{op} splits the channel axis into several axes; only slices along output axis {unit_axis} "
+                     f"({what}) can be removed, not along axis {dim.axis}")
     stride = int(np.prod([out_shape[o] for o in oa if o > unit_axis], dtype=np.int64))
     n = in_shape[a]
     return [Link(Dim(x, a), Dim(y, unit_axis), np.arange(n), (np.arange(n) // stride) % out_shape[unit_axis])]
@@ -251,12 +253,11 @@ def _reshape_links(x: str, y: str, dim: Dim, in_shape, out_shape, ctx, op: str) 
         if (role == "in" and dim.axis in ia) or (role == "out" and dim.axis in oa):
             big_out = [o for o in oa if out_shape[o] != 1]
             if len(big_out) > 1:
-                if role == "in":
-                    return _split_link(x, in_shape, ia, dim.axis, y, out_shape, oa, role, dim, op)
-                carriers = [a for a in ia if in_shape[a] != 1]
+                carriers = [dim.axis] if role == "in" else [a for a in ia if in_shape[a] != 1]
                 if len(carriers) != 1:
                     return Block(f"{op} regroups several axes into several axes")
-                return _split_link(x, in_shape, ia, carriers[0], y, out_shape, oa, role, dim, op)
+                return _split_link(x, in_shape, ia, carriers[0], y, out_shape, oa, role, dim, op,
+                                   ctx.head_dims)
             if not big_out:
                 return Block(f"{op}: the channel axis has size 1 after it")
             if role == "in":

@@ -49,6 +49,9 @@ class RoundToType(click.ParamType):
               show_default=True, help="How a channel's scores over its group members are combined.")
 @click.option("--round-to", type=RoundToType(), default="auto", show_default=True,
               help="Round kept channel counts to a multiple of N (auto: 16 on AVX-512 CPUs, else 8; 1 = exact).")
+@click.option("--attention-units", type=click.Choice(["heads", "head-dims"]), default="heads", show_default=True,
+              help="What --channels removes from attention: whole heads (q, k, v and output-projection slices), or "
+                   "head dims: the same dims of every head (q/k dims together, v/output dims together).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers/tensors matching GLOB alone (repeatable).")
 @click.option("--layer-channels", type=GLOB_RATIO, multiple=True, help="Per-layer channel ratio GLOB=RATIO.")
 @click.option("--layer-sparsity", type=GLOB_RATIO, multiple=True, help="Per-layer sparsity GLOB=RATIO.")
@@ -78,7 +81,7 @@ class RoundToType(click.ParamType):
 @debug_option
 def prune_command(model: str, output: str | None, channels: float | None, sparsity: float | None,
                   pattern: tuple[int, int] | None, scope: str, criterion: str, reduction: str,
-                  round_to: int | None, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
+                  round_to: int | None, attention_units: str, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
                   recover_method: str | None, steps: int, quantize_kind: str | None, quant_method: str,
                   verify: bool, do_validate: bool, input_shapes,
@@ -94,7 +97,7 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
         check_json_target(json_path, protected)  # before the model is written
     options = PruneOptions(channels=channels, sparsity=sparsity, pattern=pattern,
                            scope=scope, criterion=criterion, reduction=reduction, round_to=round_to,
-                           exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
+                           attention_units=attention_units, exclude=exclude, layer_channels=layer_channels, layer_sparsity=layer_sparsity,
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
                            input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
                            recover=recover_method, verify=verify, steps=steps, quantize=quantize_kind,

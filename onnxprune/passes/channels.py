@@ -22,7 +22,7 @@ class BuildGroups(_ChannelPass):
     name = "build-groups"
 
     def run(self, state: PruneState) -> None:
-        state.groups = build_groups(state.index)
+        state.groups = build_groups(state.index, head_dims=state.options.attention_units == "head-dims")
 
 
 class SelectChannels(_ChannelPass):

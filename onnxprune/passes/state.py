@@ -32,6 +32,7 @@ class PruneOptions:
     criterion: str = "auto"  # auto: l1, or with calibration data recon (channels) and obs (weights; wanda without lsq)
     reduction: str = "mean"
     round_to: int | None = None  # None: the CPU's NCHWc block (16 with AVX-512, else 8)
+    attention_units: str = "heads"  # "head-dims": a unit is one dim of every head instead of one whole head
     exclude: tuple[str, ...] = ()
     layer_channels: tuple[tuple[str, float], ...] = ()
     layer_sparsity: tuple[tuple[str, float], ...] = ()

@@ -109,6 +109,10 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
     for group, _, scores in candidates:
         _take_lowest(plan, group, scores, group.size - keeps[group.id])
     _note_rounding(plan, chosen, targets, keeps, {g.id: group_multiple(groups, g, round_to) for g in chosen})
+    for g in chosen:
+        units = channel_units(groups, g)
+        if units > 1 and round_to > 1 and g.id not in plan.notes:
+            plan.notes[g.id] = f"units of {units} columns each (heads, split slices): not rounded to --round-to"
     return plan
 
 
