@@ -11,6 +11,7 @@ from onnxprune.cli.options import (GLOB_RATIO, MODEL_PATH, PATTERN, RATIO, debug
 from onnxprune import importance
 from onnxprune.errors import ConfigError
 from onnxprune.graph.io import default_output_path
+from onnxprune.passes.channels import ATTENTION_UNITS
 from onnxprune.pipeline import PruneOptions, prune_file
 from onnxprune.quantize import kinds as quant_kinds
 from onnxprune.recovery import registry as recovery_methods
@@ -49,7 +50,7 @@ class RoundToType(click.ParamType):
               show_default=True, help="How a channel's scores over its group members are combined.")
 @click.option("--round-to", type=RoundToType(), default="auto", show_default=True,
               help="Round kept channel counts to a multiple of N (auto: 16 on AVX-512 CPUs, else 8; 1 = exact).")
-@click.option("--attention-units", type=click.Choice(["heads", "head-dims"]), default="heads", show_default=True,
+@click.option("--attention-units", type=click.Choice(ATTENTION_UNITS), default="heads", show_default=True,
               help="What --channels removes from attention: whole heads (q, k, v and output-projection slices), or "
                    "head dims: the same dims of every head (q/k dims together, v/output dims together).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave layers/tensors matching GLOB alone (repeatable).")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from onnxprune.channels.groups import build_groups
+from onnxprune.errors import ConfigError
 from onnxprune.importance import registry as criteria
 from onnxprune.passes.base import Pass
 from onnxprune.passes.state import GroupRow, PruneState
 from onnxprune.passes.verify import verify
 from onnxprune.prune.structured import apply_plan, cpu_block, plan_channels
 from onnxprune.prune.verify import in_memory
+
+
+ATTENTION_UNITS = ("heads", "head-dims")  # what --channels removes from attention (see build_groups)
 
 
 class _ChannelPass(Pass[PruneState]):
@@ -22,7 +26,10 @@ class BuildGroups(_ChannelPass):
     name = "build-groups"
 
     def run(self, state: PruneState) -> None:
-        state.groups = build_groups(state.index, head_dims=state.options.attention_units == "head-dims")
+        units = state.options.attention_units
+        if units not in ATTENTION_UNITS:
+            raise ConfigError(f"attention units must be one of {', '.join(ATTENTION_UNITS)}, got '{units}'")
+        state.groups = build_groups(state.index, head_dims=units == "head-dims")
 
 
 class SelectChannels(_ChannelPass):
