@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from graph_builder import GraphBuilder
 
 QKV = ("separate", "split", "slice", "reshape5")
 
@@ -49,21 +51,8 @@ class Spec:
 
 
 @dataclass
-class _Graph:
-    spec: Spec
-    rng: np.random.Generator
-    nodes: list = field(default_factory=list)
-    inits: list = field(default_factory=list)
-    count: int = 0
-
-    def name(self, prefix: str) -> str:
-        self.count += 1
-        return f"{prefix}{self.count}"
-
-    def const(self, value, prefix: str = "c") -> str:
-        name = self.name(prefix)
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+class _Graph(GraphBuilder):
+    spec: Spec = field(default_factory=Spec)
 
     def ints(self, values) -> str:
         return self.const(np.array(values, np.int64), "shape")
@@ -71,13 +60,8 @@ class _Graph:
     def weight(self, *shape: int) -> str:
         return self.const((self.rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), "w")
 
-    def op(self, op: str, inputs: list[str], outputs: int = 1, **attrs) -> list[str]:
-        outs = [self.name(op.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=f"{outs[0]}_{op}", **attrs))
-        return outs
-
     def one(self, op: str, inputs: list[str], **attrs) -> str:
-        return self.op(op, inputs, **attrs)[0]
+        return self.node(op, inputs, **attrs)[0]
 
     def size_of(self, x: str, axis: int) -> str:
         """A run-time size as a 1-element tensor: Shape -> Gather -> Unsqueeze (the legacy exporter's pattern)."""
@@ -139,7 +123,7 @@ class _Graph:
             p = self.one("Transpose", [r], perm=[2, 0, 3, 1, 4])
             return tuple(self.one("Gather", [p, self.const(np.array(i, np.int64))], axis=0) for i in range(3))
         if s.qkv == "split":
-            parts = self.op("Split", [fused, self.ints([e, kv, kv])], outputs=3, axis=-1)
+            parts = self.node("Split", [fused, self.ints([e, kv, kv])], n_out=3, axis=-1)
         else:
             bounds = [(0, e), (e, e + kv), (e + kv, e + 2 * kv)]
             parts = [self.one("Slice", [fused, self.ints([a]), self.ints([b]), self.ints([-1])]) for a, b in bounds]
@@ -178,7 +162,7 @@ class _Graph:
 
 def build(spec: Spec, outputs: int = 3) -> onnx.ModelProto:
     """The encoder of ``spec``: inputs x [B, S, E] (and mask [B, 1, 1, S]), output y [B, S, outputs]."""
-    g = _Graph(spec, np.random.default_rng(spec.seed))
+    g = _Graph(np.random.default_rng(spec.seed), spec=spec)
     b, s = ("B", "S") if spec.dynamic else (spec.batch, spec.seq)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [b, s, spec.hidden])]
     mask = None

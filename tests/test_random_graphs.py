@@ -11,7 +11,7 @@ channels masked to zero (the oracle in ``oracle.py``).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,11 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).parent))
 from attention_graphs import Spec, build, specs  # noqa: E402
+from graph_builder import GraphBuilder  # noqa: E402
 from oracle import assert_matches, masked_model, random_feeds  # noqa: E402
 
 from onnxprune.channels import Dim  # noqa: E402
@@ -49,32 +50,12 @@ class T:
 
 
 @dataclass
-class Builder:
-    opset: int
-    rng: np.random.Generator
-    nodes: list = field(default_factory=list)
-    inits: list = field(default_factory=list)
-    count: int = 0
-    ops: list = field(default_factory=list)
-
-    def fresh(self, prefix: str) -> str:
-        self.count += 1
-        return f"{prefix}{self.count}"
-
-    def const(self, value: np.ndarray, prefix: str = "w") -> str:
-        name = self.fresh(prefix)
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+class Builder(GraphBuilder):
+    opset: int = 13
 
     def weight(self, *shape: int, prefix: str = "w") -> str:
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         return self.const((self.rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32), prefix)
-
-    def node(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> list[str]:
-        outs = [self.fresh(op.lower()[:4]) for _ in range(n_out)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=outs[0] + "_" + op, **attrs))
-        self.ops.append(op)
-        return outs
 
     # -- layers -------------------------------------------------------------------------------------------------------
 
@@ -164,7 +145,7 @@ def graphs(draw) -> Case:
     dynamic = draw(st.booleans())
     c0 = draw(st.integers(2, MAX_C))
     hw = draw(st.integers(4, 8))
-    b = Builder(opset, np.random.default_rng(draw(st.integers(0, 2**32 - 1))))
+    b = Builder(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), opset=opset)
     chans = st.integers(2, MAX_C)
     steps = []
 
@@ -459,7 +440,7 @@ def test_random_attention_graphs_were_not_vacuous():
 # -- the oracle can fail ----------------------------------------------------------------------------------------------
 
 def _fixed_case() -> onnx.ModelProto:
-    b = Builder(13, np.random.default_rng(7))
+    b = Builder(np.random.default_rng(7), opset=13)
     x = T("x", 3, 6, 6)
     y = b.conv(x, 8, 3, pad=1, bias=True)
     y = b.batch_norm(y)
