@@ -161,11 +161,24 @@ def group_multiple(groups: GroupSet, group: ChannelGroup, round_to: int) -> int:
     return 1 if channel_units(groups, group) > 1 else round_to
 
 
-def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
-    """MACs that one channel of ``group`` costs: for every weighted layer it touches, the layer's MACs divided by
-    the size of the weight axis the group runs along (0 where shapes are unknown)."""
-    macs = ((dim, node_macs(groups.index, node)) for dim, node in weight_uses(groups, group))
-    return sum(m / groups.dim_sizes[dim] for dim, m in macs if m)
+def activation_matmuls(index: GraphIndex) -> list:
+    """MatMuls of two activations (attention's scores and context): MACs that shrink with heads, not weights."""
+    return [n for n in index.graph.node if n.op_type == "MatMul" and not any(index.is_constant(i) for i in n.input)]
+
+
+def channel_costs(groups: GroupSet, group: ChannelGroup, matmuls: list | None = None) -> float:
+    """MACs that one channel of ``group`` costs (0 where shapes are unknown): for every weighted layer it touches,
+    the layer's MACs times the share of the weight axis the channel owns (one index of a conv's; D of a q
+    projection's for a head), and for a MatMul of two activations (attention's scores and context) the share of
+    the largest axis the group runs along."""
+    index = groups.index
+    share = {dim: len(group.members[dim][0]) / groups.dim_sizes[dim] / group.size for dim in group.dims}
+    costs = [(share[dim], node_macs(index, node)) for dim, node in weight_uses(groups, group)]
+    for node in activation_matmuls(index) if matmuls is None else matmuls:
+        touched = [s for dim, s in share.items() if dim.tensor in (*node.input, node.output[0])]
+        if touched:
+            costs.append((max(touched), node_macs(index, node)))
+    return sum(s * m for s, m in costs if m)
 
 
 def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: dict[int, float],
@@ -179,7 +192,8 @@ def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: di
              for g in chosen}
     if all(m <= 1 for m in multiple.values()):
         return keeps
-    costs = {g.id: channel_costs(groups, g) for g in chosen}
+    matmuls = activation_matmuls(groups.index)
+    costs = {g.id: channel_costs(groups, g, matmuls) for g in chosen}
     excess = sum(costs[g.id] * (keeps[g.id] - targets[g.id]) for g in chosen)
 
     def step(g: ChannelGroup, direction: int) -> int:
