@@ -16,7 +16,7 @@ from attention_graphs import Spec, build
 from cli_support import run_main
 from conftest import MODELS
 from oracle import assert_matches, masked_model, random_feeds
-from rules_support import assert_blocked, groups_of, oracle
+from rules_support import OPSET13, assert_blocked, assert_prunable, groups_of, init, make, oracle
 
 from onnxprune.channels import Dim
 from onnxprune.channels.attention import attention_blocks
@@ -362,3 +362,22 @@ def test_cli_attention_units_head_dims(capsys, tmp_path):
     assert [s[0:3] for s in sizes] == [["8", "->", "4"]] * 4, text
     blocks = attention_blocks(find_groups(from_proto(onnx.load(str(out)))))
     assert [(b.heads, b.head_dim) for b in blocks] == [(4, 4)] * 2
+
+
+def test_expand_passes_channels_and_its_shape_follows():
+    """Expand outside attention: a per-channel gate broadcast over H and W by Expand, then multiplied in; the
+    channel entry of the Expand shape follows the kept count (the 1s broadcast by themselves)."""
+    proto = make(OPSET13 + """
+    g (float[1,3,4,4] x, float[6,3,1,1] w1, float[6,3,1,1] w2, float[4,6,1,1] w3) => (float[1,4,4,4] y)
+      <int64[4] full = {1, 6, 4, 4}> {
+        c = Conv(x, w1)
+        p = GlobalAveragePool(x)
+        gate = Conv(p, w2)
+        wide = Expand(gate, full)
+        m = Mul(c, wide)
+        y = Conv(m, w3)
+    }""")
+    _, gs = groups_of(proto)
+    assert Dim("wide", 1) in assert_prunable(gs, "c", 6).dims
+    _, pruned, _ = oracle(proto, {"c": [1, 4]})
+    assert init(pruned, "full").tolist() == [1, 4, 4, 4]
