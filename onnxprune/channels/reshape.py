@@ -36,26 +36,18 @@ def _merged_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], lis
             continue
         ia, oa, pi, pj = [], [], 1, 1
         while True:  # a symbolic dim may only pair with a symbolic dim (above), never inside a run
-            if pi <= pj and i < len(in_shape):
-                if in_shape[i] is None:
-                    return None
-                pi *= in_shape[i]
-                ia.append(i)
-                i += 1
-            elif j < len(out_shape):
-                if out_shape[j] is None:
-                    return None
-                pj *= out_shape[j]
-                oa.append(j)
-                j += 1
-            elif i < len(in_shape):
-                if in_shape[i] is None:
-                    return None
-                pi *= in_shape[i]
-                ia.append(i)
-                i += 1
-            else:
+            take_in = i < len(in_shape) and (pi <= pj or j == len(out_shape))
+            if not take_in and j == len(out_shape):
                 break
+            size = in_shape[i] if take_in else out_shape[j]
+            if size is None:
+                return None
+            if take_in:
+                pi, i = pi * size, i + 1
+                ia.append(i - 1)
+            else:
+                pj, j = pj * size, j + 1
+                oa.append(j - 1)
             if pi == pj and ia and oa and (i == len(in_shape) or in_shape[i] != 1 or j == len(out_shape)):
                 break
         if pi != pj:
