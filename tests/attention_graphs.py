@@ -28,7 +28,7 @@ class Spec:
     head_dim: int = 3
     kv_heads: int = 4  # < heads: grouped-query attention (heads % kv_heads == 0)
     qkv: str = "separate"
-    gemm: bool = False  # projections as Gemm on [B*S, E] (static shapes only)
+    gemm: bool = False  # projections as Gemm on the flattened tokens [B*S, E]
     bias: bool = True
     norm: str = "pre"  # "pre", "post" or "none"
     mask: bool = True
@@ -70,10 +70,10 @@ class _Graph(GraphBuilder):
 
     def target(self, x: str, dims: list) -> str:
         """A shape tensor: ints stay constants; "B" and "S" are x's axes 0 and 1 (read at run time when dynamic);
-        "BS" is B*S (static only) and "E" is read from x's axis 2 when dynamic."""
+        "E" is read from x's axis 2 when dynamic."""
         s = self.spec
         if not s.dynamic:
-            sizes = {"B": s.batch, "S": s.seq, "BS": s.batch * s.seq, "E": s.hidden}
+            sizes = {"B": s.batch, "S": s.seq, "E": s.hidden}
             return self.ints([sizes.get(d, d) for d in dims])
         pieces = [self.size_of(x, {"B": 0, "S": 1, "E": 2}[d]) if isinstance(d, str) else self.ints([d])
                   for d in dims]
@@ -83,10 +83,10 @@ class _Graph(GraphBuilder):
         """x [B, S, n_in] -> [B, S, n_out]: MatMul(+Add), or Gemm on the flattened tokens."""
         s = self.spec
         if s.gemm:
-            flat = self.one("Reshape", [x, self.ints([s.batch * s.seq, n_in])])
+            flat = self.one("Reshape", [x, self.ints([-1 if s.dynamic else s.batch * s.seq, n_in])])
             inputs = [flat, self.weight(n_out, n_in)] + ([self.const(self.bias(n_out))] if bias else [])
             y = self.one("Gemm", inputs, transB=1)
-            return self.one("Reshape", [y, self.ints([s.batch, s.seq, n_out])])
+            return self.one("Reshape", [y, self.target(x, ["B", "S", n_out])])
         y = self.one("MatMul", [x, self.weight(n_in, n_out)])
         return self.one("Add", [y, self.const(self.bias(n_out))]) if bias else y
 
@@ -189,7 +189,7 @@ def specs(draw) -> Spec:
     kv_options = [k for k in range(1, heads + 1) if heads % k == 0] if qkv in ("separate", "split") else [heads]
     dynamic = draw(st.booleans())
     return Spec(heads=heads, head_dim=draw(st.integers(1, 4)), kv_heads=draw(st.sampled_from(kv_options)),
-                qkv=qkv, gemm=not dynamic and draw(st.integers(0, 3)) == 0, bias=draw(st.booleans()),
+                qkv=qkv, gemm=draw(st.integers(0, 3)) == 0, bias=draw(st.booleans()),
                 norm=draw(st.sampled_from(["pre", "post", "none"])), mask=draw(st.booleans()),
                 scale=draw(st.sampled_from(["div", "mul", "none"])), dynamic=dynamic,
                 ffn=draw(st.sampled_from([0, 5])), layers=draw(st.integers(1, 2)), seq=draw(st.integers(2, 6)),

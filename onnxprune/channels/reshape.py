@@ -27,10 +27,32 @@ def _merge_link(x: str, in_shape: list, in_axes: list[int], a: int, y: str, out_
 
 
 def _merged_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of input axes with runs of output axes of equal element count (row-major reshape)."""
+    """Pair runs of input axes with runs of output axes of equal element count (row-major reshape). When symbolic
+    dims merge or split at the front (tokens: [B*S, E] <-> [B, S, H, D]), the known runs are paired from the end
+    and the symbolic front becomes one block of unknown size, which no channel may cross."""
+    blocks = _pair_runs(in_shape, out_shape)
+    if blocks is not None or not in_shape or not out_shape:
+        return blocks
+    tail = _pair_runs(in_shape[::-1], out_shape[::-1], stop_at_unknown=True)
+    if tail is None:
+        return None
+    ni, no = len(in_shape), len(out_shape)
+    blocks = [([ni - 1 - a for a in reversed(ia)], [no - 1 - o for o in reversed(oa)]) for ia, oa in reversed(tail)]
+    front_in, front_out = ni - sum(len(ia) for ia, _ in tail), no - sum(len(oa) for _, oa in tail)
+    if not front_in or not front_out:
+        return None
+    return [(list(range(front_in)), list(range(front_out)))] + blocks
+
+
+def _pair_runs(in_shape: list, out_shape: list,
+               stop_at_unknown: bool = False) -> list[tuple[list[int], list[int]]] | None:
+    """:func:`_merged_blocks` from the front; with ``stop_at_unknown`` the runs paired before the first symbolic
+    dim (None when there are none)."""
     blocks, i, j = [], 0, 0
     while i < len(in_shape) or j < len(out_shape):
         if i < len(in_shape) and j < len(out_shape) and in_shape[i] is None and out_shape[j] is None:
+            if stop_at_unknown:
+                return blocks or None
             blocks.append(([i], [j]))  # a symbolic dim (batch) kept in place
             i, j = i + 1, j + 1
             continue
@@ -41,7 +63,7 @@ def _merged_blocks(in_shape: list, out_shape: list) -> list[tuple[list[int], lis
                 break
             size = in_shape[i] if take_in else out_shape[j]
             if size is None:
-                return None
+                return (blocks or None) if stop_at_unknown and not ia and not oa else None
             if take_in:
                 pi, i = pi * size, i + 1
                 ia.append(i - 1)
@@ -66,6 +88,8 @@ def _split_link(x: str, in_shape: list, ia: list[int], a: int, y: str, out_shape
     if [i for i in ia if in_shape[i] != 1] != [a]:
         return Block(f"{op} regroups several axes into several axes")
     big_out = [o for o in oa if out_shape[o] != 1]
+    if in_shape[a] is None or None in [out_shape[o] for o in big_out]:
+        return Block(f"{op} splits or merges symbolic dims (tokens) along this axis")
     unit_axis = big_out[-1] if head_dims else big_out[-2]
     if role == "out" and dim.axis != unit_axis:
         what = "the same dim of every head (--attention-units head-dims)" if head_dims else "whole heads"
