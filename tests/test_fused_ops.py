@@ -388,6 +388,17 @@ def torchscript_bert(hidden: int = 16, heads: int = 4, ffn: int = 32, layers: in
     return model
 
 
+def torchscript_fused(folder, opt_level: int = 0) -> onnx.ModelProto:
+    """:func:`torchscript_bert` through onnxruntime's transformer optimizer (pure Python at opt_level 0), saved by
+    the optimizer (which adds the com.microsoft opset import) and loaded back."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    source, fused = folder / "bert.onnx", folder / f"bert_fused{opt_level}.onnx"
+    onnx.save(torchscript_bert(), source)
+    optimize_model(str(source), model_type="bert", opt_level=opt_level).save_model_to_file(str(fused))
+    return onnx.load(fused)
+
+
 def bert_feeds(model: onnx.ModelProto, seq: int = 6) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(3)
     values = {"input_ids": rng.integers(0, 30, [B, seq]), "token_type_ids": rng.integers(0, 2, [B, seq]),
@@ -398,13 +409,7 @@ def bert_feeds(model: onnx.ModelProto, seq: int = 6) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("opt_level", [0, 2])
 def test_bert_fused_by_onnxruntime_prunes_heads_and_ffn(tmp_path, opt_level):
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    source = tmp_path / "bert.onnx"
-    onnx.save(torchscript_bert(), source)
-    fused_path = tmp_path / "bert_fused.onnx"
-    optimize_model(str(source), model_type="bert", opt_level=opt_level).save_model_to_file(str(fused_path))
-    fused = onnx.load(fused_path)
+    fused = torchscript_fused(tmp_path, opt_level)
     ops = Counter(n.op_type for n in fused.graph.node if n.domain == MS)
     assert ops == {"EmbedLayerNormalization": 1, "Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}, ops
 
@@ -429,13 +434,22 @@ def test_bert_fused_by_onnxruntime_prunes_heads_and_ffn(tmp_path, opt_level):
 
 def test_fused_and_unfused_bert_count_the_same_macs(tmp_path):
     """The fused Attention's MACs (projections, scores, context) equal those of the MatMuls it replaced."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    source = tmp_path / "bert.onnx"
-    onnx.save(torchscript_bert(), source)
-    fused_path = tmp_path / "bert_fused.onnx"
-    optimize_model(str(source), model_type="bert", opt_level=0).save_model_to_file(str(fused_path))
+    fused = torchscript_fused(tmp_path)
     shapes = {n: [B, 6] for n in ("input_ids", "token_type_ids", "attention_mask")}
-    unfused_macs = model_stats(from_proto(onnx.load(source)), input_shapes=shapes).macs
-    fused_macs = model_stats(from_proto(onnx.load(fused_path)), input_shapes=shapes).macs
+    unfused_macs = model_stats(from_proto(torchscript_bert()), input_shapes=shapes).macs
+    fused_macs = model_stats(from_proto(fused), input_shapes=shapes).macs
     assert unfused_macs is not None and fused_macs == unfused_macs
+
+
+def test_round_to_counts_tensor_channels_so_heads_still_prune(tmp_path):
+    """A head is D channels of every tensor it touches: --round-to 8 with D = 4 allows even head counts, where
+    rounding the head count itself to 8 would keep all 4 heads."""
+    from onnxprune.prune.structured import plan_channels, unit_multiple
+
+    _, gs = groups_of(torchscript_fused(tmp_path))
+    plan = plan_channels(gs, 0.5, round_to=8)
+    for group in gs.prunable():
+        widths = {len(idx) for ch in group.channels for idx in ch.values()}
+        kept = group.size - len(plan.remove.get(group.id, []))
+        assert kept < group.size and all(kept * w % 8 == 0 for w in widths), (group.name, kept, widths)
+    assert sorted(unit_multiple(g, 8) for g in gs.prunable()) == [2, 2, 8, 8]  # two head groups (D = 4), two FFN

@@ -55,6 +55,16 @@ def round_keep(n: int, target: float, multiple: int) -> int:
     return min(options, key=lambda k: (abs(k - target), k))
 
 
+def unit_multiple(group: ChannelGroup, round_to: int) -> int:
+    """How many of ``group``'s channels make a multiple of ``round_to`` tensor channels. A channel that spans w
+    indices of every member (an attention head: D channels of q, k, v and the output) needs round_to / gcd(round_to,
+    w) of them; an ordinary channel (w = 1) needs ``round_to``."""
+    width = 0
+    for _, owner in group.members.values():
+        width = math.gcd(width, *np.bincount(owner, minlength=group.size).tolist())
+    return round_to // math.gcd(round_to, width or 1)
+
+
 def _matches(group: ChannelGroup, pattern: str) -> bool:
     names = list(group.producers) + [d.tensor for d in group.dims]
     return any(fnmatch.fnmatchcase(n, pattern) for n in names)
@@ -104,10 +114,11 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
         targets = {g.id: g.size * (1 - r) if r > 0 else float(g.size) for g, r, _ in candidates}
     else:
         targets = _global_targets(candidates, ratio, max_group_ratio)
-    keeps = _budgeted_rounding(groups, chosen, targets, round_to)
+    multiples = {g.id: unit_multiple(g, round_to) for g in chosen}
+    keeps = _budgeted_rounding(groups, chosen, targets, multiples)
     for group, _, scores in candidates:
         _take_lowest(plan, group, scores, group.size - keeps[group.id])
-    _note_rounding(plan, chosen, targets, keeps, round_to)
+    _note_rounding(plan, chosen, targets, keeps, multiples)
     return plan
 
 
@@ -131,12 +142,12 @@ def _global_targets(candidates: list[tuple[ChannelGroup, float, np.ndarray]], ra
 
 
 def _note_rounding(plan: ChannelPlan, chosen: list[ChannelGroup], targets: dict[int, float],
-                   keeps: dict[int, int], round_to: int) -> None:
+                   keeps: dict[int, int], multiples: dict[int, int]) -> None:
     """Say why a group asked to shrink kept all its channels."""
     for g in chosen:
         if keeps[g.id] == g.size and targets[g.id] < g.size and g.id not in plan.notes:
-            plan.notes[g.id] = (f"kept whole: {g.size} channels cannot drop to a multiple of {round_to} near the "
-                                f"target {targets[g.id]:.1f} (--round-to 1 or a smaller block prunes it)")
+            plan.notes[g.id] = (f"kept whole: {g.size} channels cannot drop to a multiple of {multiples[g.id]} near "
+                                f"the target {targets[g.id]:.1f} (--round-to 1 or a smaller block prunes it)")
 
 
 def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
@@ -147,13 +158,15 @@ def channel_costs(groups: GroupSet, group: ChannelGroup) -> float:
 
 
 def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: dict[int, float],
-                       round_to: int) -> dict[int, int]:
+                       multiples: dict[int, int]) -> dict[int, int]:
     """Round every group's kept count to an allowed value near its target, then move groups one allowed step down
     (or back up) so that the estimated MACs stay at most, and as close as possible to, what exact (unrounded)
-    pruning would keep. Gentlest moves first: the group whose step is the smallest share of its size."""
-    options = {g.id: allowed_keeps(g.size, round_to) for g in chosen}
-    keeps = {g.id: round_keep(g.size, targets[g.id], round_to) if targets[g.id] < g.size else g.size for g in chosen}
-    if round_to <= 1:
+    pruning would keep. Gentlest moves first: the group whose step is the smallest share of its size. ``multiples``:
+    per group, the channel multiple that keeps its tensors on the block (:func:`unit_multiple`)."""
+    options = {g.id: allowed_keeps(g.size, multiples[g.id]) for g in chosen}
+    keeps = {g.id: round_keep(g.size, targets[g.id], multiples[g.id]) if targets[g.id] < g.size else g.size
+             for g in chosen}
+    if all(m <= 1 for m in multiples.values()):
         return keeps
     costs = {g.id: channel_costs(groups, g) for g in chosen}
     excess = sum(costs[g.id] * (keeps[g.id] - targets[g.id]) for g in chosen)
