@@ -126,7 +126,8 @@ def init_shape(model: onnx.ModelProto, name: str) -> list[int]:
 def ms_attention(bias: bool, mask: str | None, sizes: tuple[int, int, int] | None, attention_bias: bool):
     g = Graph()
     q, k, v = sizes or (12, 12, 12)
-    inputs = ["x", g.weight("qkv_w", HIDDEN, q + k + v), g.weight("qkv_b", q + k + v) if bias else ""]
+    x = g.matmul("x", "pre", HIDDEN, HIDDEN)  # a prunable input: its channels are the packed weight's rows
+    inputs = [x, g.weight("qkv_w", HIDDEN, q + k + v), g.weight("qkv_b", q + k + v) if bias else ""]
     inputs.append(g.int_input("mask_index", [B]) if mask == "1d" else
                   g.int_input("mask", [B, S]) if mask == "2d" else "")
     if attention_bias:
@@ -149,7 +150,8 @@ def test_ms_attention_removes_whole_heads(bias, mask, sizes, attention_bias):
     gs, pruned = prune_checked(proto, {"ctx:2": [1, 3]})
     node = node_named(pruned, "Attention")
     assert attr(node, "num_heads") == 2
-    assert init_shape(pruned, "qkv_w") == [HIDDEN, (2 * q + v) // 2]
+    assert init_shape(pruned, "qkv_w")[1] == (2 * q + v) // 2
+    assert init_shape(pruned, "qkv_w")[0] == init_shape(pruned, "pre_w")[1] < HIDDEN  # rows went with "pre"
     if sizes:
         assert list(attr(node, "qkv_hidden_sizes")) == [q // 2, q // 2, v // 2]
     if attention_bias:
@@ -282,13 +284,18 @@ def test_skip_layer_norm_blocks_the_hidden_axis(op):
     assert any(f"{op} normalises over the hidden axis" in r for r in reasons), reasons
 
 
-def test_skip_layer_norm_passes_its_other_axes():
-    """Channels on axis 1 of [B, C, L] tensors (1-D convs) pass through a normalisation over L."""
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_skip_layer_norm_passes_its_other_axes(with_sum):
+    """Channels on axis 1 of [B, C, L] tensors (1-D convs) pass through a normalisation over L, to the normalised
+    output and to the input + skip sum (output 3, which ViT-style graphs read)."""
     g = Graph()
     g.inputs = [h.make_tensor_value_info("x", T.FLOAT, [B, 4, S])]
     a = g.node("Conv", ["x", g.weight("a_w", 6, 4, 1)], ["a"])
     b = g.node("Conv", ["x", g.weight("b_w", 6, 4, 1)], ["b"])
-    y = g.node("SkipLayerNormalization", [a, b, g.weight("gamma", S), g.weight("beta", S)], ["y"], domain=MS)
+    outputs = ["y", "", "", "sum"] if with_sum else ["y"]
+    y = g.node("SkipLayerNormalization", [a, b, g.weight("gamma", S), g.weight("beta", S)], outputs, domain=MS)
+    if with_sum:
+        y = g.node("Add", [y, "sum"], ["y_and_sum"])
     proto = g.model(g.node("Conv", [y, g.weight("c_w", 3, 6, 1)], ["out"]))
     _, gs = groups_of(proto)
     shared = group_at(gs, "a", 1)
