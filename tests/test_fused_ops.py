@@ -29,6 +29,7 @@ from onnxprune.prune.verify import masked_model
 
 MS = "com.microsoft"
 B, S, HIDDEN = 2, 5, 8
+needs_opset_23 = pytest.mark.skipif(onnx.defs.onnx_opset_version() < 23, reason="ai.onnx Attention needs onnx >= 1.18")
 
 
 class Graph:
@@ -223,6 +224,7 @@ def test_group_query_attention_uneven_heads_freeze_with_reason():
     assert any("do not share 2 kv heads evenly" in r for r in group_at(gs, "q", 2).blocked)
 
 
+@needs_opset_23
 @pytest.mark.parametrize("kv_heads, mask", [(4, False), (2, True)])
 def test_onnx_attention_3d(kv_heads, mask):
     g = Graph()
@@ -239,6 +241,7 @@ def test_onnx_attention_3d(kv_heads, mask):
     assert (attr(node, "q_num_heads"), attr(node, "kv_num_heads")) == (4 - 4 // kv_heads, kv_heads - 1)
 
 
+@needs_opset_23
 def test_onnx_attention_4d_heads_axis():
     """4-D [B, H, S, D] inputs (here from 1x1 convs, whose channels are heads): the heads axis is the unit axis."""
     g = Graph()

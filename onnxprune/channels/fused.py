@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from onnxprune.channels.registry import Block, Dim, Link, register, register_fix, slot_of
-from onnxprune.graph.fused_layers import packed_sizes
+from onnxprune.graph.fused_layers import optional_input, packed_sizes
 from onnxprune.graph.index import GraphIndex, attr
 
 MS = "com.microsoft"
@@ -50,10 +50,6 @@ def unit_links(parts: list[Part], units: int) -> list[Link]:
         links.append(Link(anchor.dim, part.dim, a_idx=anchor.offset + unit * anchor.width,
                           b_idx=part.offset + unit * part.width + inner))
     return links
-
-
-def _input(node: onnx.NodeProto, slot: int) -> str | None:
-    return node.input[slot] if slot < len(node.input) and node.input[slot] else None
 
 
 def _output(node: onnx.NodeProto, slot: int) -> str | None:
@@ -98,7 +94,7 @@ def _set_int(node: onnx.NodeProto, name: str, value) -> None:
 @register("Attention", domain=MS)
 def ms_attention(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
     x, w, y = node.input[0], node.input[1], node.output[0]
-    if _input(node, 4) or _output(node, 1):
+    if optional_input(node, 4) or _output(node, 1):
         return Block("Attention with a past/present cache is not pruned")
     heads = int(attr(node, "num_heads", 0))
     w_shape = ctx.index.shape(w)
@@ -111,10 +107,10 @@ def ms_attention(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
     dq, _, dv = per_head
     parts = [Part(Dim(y, 2), 0, dv), Part(Dim(w, 1), 0, dq), Part(Dim(w, 1), sizes[0], dq),
              Part(Dim(w, 1), 2 * sizes[0], dv)]
-    bias = _input(node, 2)
+    bias = optional_input(node, 2)
     if bias:
         parts += [Part(Dim(bias, 0), 0, dq), Part(Dim(bias, 0), sizes[0], dq), Part(Dim(bias, 0), 2 * sizes[0], dv)]
-    parts += _heads_axis(ctx, _input(node, 5), 3, heads, 1)
+    parts += _heads_axis(ctx, optional_input(node, 5), 3, heads, 1)
     return _couple(dim, parts, heads, [[Dim(x, 2), Dim(w, 0)]], "Attention")
 
 
@@ -136,8 +132,8 @@ def ms_attention_fix(node: onnx.NodeProto, index: GraphIndex, kept, editor) -> N
 
 @register("MultiHeadAttention", domain=MS)
 def multi_head_attention(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
-    q, k, v, y = node.input[0], _input(node, 1), _input(node, 2), node.output[0]
-    if any(_input(node, i) for i in (6, 7)) or any(_output(node, i) for i in (1, 2, 3)):
+    q, k, v, y = node.input[0], optional_input(node, 1), optional_input(node, 2), node.output[0]
+    if any(optional_input(node, i) for i in (6, 7)) or any(_output(node, i) for i in (1, 2, 3)):
         return Block("MultiHeadAttention with a past/present cache or qk output is not pruned")
     if k is None or v is None or any(ctx.index.rank(t) != 3 for t in (q, k, v)):
         return Block("MultiHeadAttention with packed or 4-D (BNSH) q/k/v is not pruned")
@@ -147,10 +143,10 @@ def multi_head_attention(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Bl
     if dq is None or dv is None or hk != hq:
         return Block(f"MultiHeadAttention: q/k/v sizes ({hq}, {hk}, {hv}) do not split into {heads} heads")
     parts = [Part(Dim(y, 2), 0, dv), Part(Dim(q, 2), 0, dq), Part(Dim(k, 2), 0, dq), Part(Dim(v, 2), 0, dv)]
-    bias = _input(node, 3)
+    bias = optional_input(node, 3)
     if bias:
         parts += [Part(Dim(bias, 0), 0, dq), Part(Dim(bias, 0), hq, dq), Part(Dim(bias, 0), 2 * hq, dv)]
-    parts += _heads_axis(ctx, _input(node, 5), 3, heads, 1)
+    parts += _heads_axis(ctx, optional_input(node, 5), 3, heads, 1)
     return _couple(dim, parts, heads, [], "MultiHeadAttention")
 
 
@@ -196,13 +192,13 @@ def _gqa_parts(q: str, k: str | None, v: str | None, y: str, heads: int, kv_head
 
 def _cache_parts(node: onnx.NodeProto, ctx, slots: list[tuple[str, int]]) -> list[Part]:
     """Past/present caches [B, Hkv, T, D]: one index of the heads axis per unit."""
-    names = [(_input if side == "in" else _output)(node, i) for side, i in slots]
+    names = [(optional_input if side == "in" else _output)(node, i) for side, i in slots]
     return [Part(Dim(n, 1), 0, 1) for n in names if n and ctx.index.rank(n) == 4]
 
 
 @register("GroupQueryAttention", domain=MS)
 def group_query_attention(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
-    q, k, v, y = node.input[0], _input(node, 1), _input(node, 2), node.output[0]
+    q, k, v, y = node.input[0], optional_input(node, 1), optional_input(node, 2), node.output[0]
     if _output(node, 3):
         return Block("GroupQueryAttention with a qk output is not pruned")
     if any(ctx.index.rank(t) != 3 for t in (q, k, v) if t):
@@ -213,10 +209,10 @@ def group_query_attention(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | B
         return Block(f"GroupQueryAttention: {found}")
     parts, units = found
     parts += _cache_parts(node, ctx, [("in", 3), ("in", 4), ("out", 1), ("out", 2)])
-    sink = _input(node, 11)
+    sink = optional_input(node, 11)
     if sink:
         parts.append(Part(Dim(sink, 0), 0, heads // kv_heads))
-    parts += _heads_axis(ctx, _input(node, 10), 3, heads, heads // kv_heads)
+    parts += _heads_axis(ctx, optional_input(node, 10), 3, heads, heads // kv_heads)
     return _couple(dim, parts, units, [], "GroupQueryAttention")
 
 
@@ -259,7 +255,7 @@ def onnx_attention(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
         return Block(f"Attention: {found}")
     parts, units = found
     parts += _cache_parts(node, ctx, [("in", 4), ("in", 5), ("out", 1), ("out", 2)])
-    parts += _heads_axis(ctx, _input(node, 3), 3, heads, heads // kv_heads)
+    parts += _heads_axis(ctx, optional_input(node, 3), 3, heads, heads // kv_heads)
     return _couple(dim, parts, units, passes, "Attention")
 
 
@@ -286,7 +282,7 @@ def fused_activation(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
         return Block(f"{node.op_type}: rank unknown")
     axis = rank - 1 if role == "in" and pos == 1 else dim.axis
     links = [Link(Dim(x, axis), Dim(y, axis))]
-    bias = _input(node, 1)
+    bias = optional_input(node, 1)
     if bias and axis == rank - 1:
         if ctx.index.rank(bias) != 1 or ctx.index.size(bias, 0) != ctx.index.size(x, axis):
             return Block(f"{node.op_type}: bias is not one value per channel")

@@ -24,7 +24,8 @@ MS = "com.microsoft"
 ShapeOf = Callable[[str], "Shaped | None"]
 
 
-def _input(node: onnx.NodeProto, slot: int) -> str | None:
+def optional_input(node: onnx.NodeProto, slot: int) -> str | None:
+    """The name in input ``slot``, None when the slot is absent or empty (an omitted optional input)."""
     return node.input[slot] if slot < len(node.input) and node.input[slot] else None
 
 
@@ -66,7 +67,7 @@ class _MsAttention(_AttentionKind):
 
     def macs(self, index, node):
         x, w, y = index.shape(node.input[0]), index.shape(node.input[1]), index.shape(node.output[0])
-        if x is None or w is None or y is None or _input(node, 4) or not _static(*x, *w, *y):
+        if x is None or w is None or y is None or optional_input(node, 4) or not _static(*x, *w, *y):
             return None
         sizes = packed_sizes(node, w[1])
         if sizes is None or len(x) != 3:
@@ -82,8 +83,8 @@ class _MultiHeadAttention(_AttentionKind):
     weight_slots = ()
 
     def macs(self, index, node):
-        q, k, y = index.shape(node.input[0]), index.shape(_input(node, 1) or ""), index.shape(node.output[0])
-        if q is None or k is None or y is None or len(q) != 3 or len(k) != 3 or _input(node, 6):
+        q, k, y = index.shape(node.input[0]), index.shape(optional_input(node, 1) or ""), index.shape(node.output[0])
+        if q is None or k is None or y is None or len(q) != 3 or len(k) != 3 or optional_input(node, 6):
             return None
         if not _static(*q, *y, k[1]):
             return None
@@ -99,7 +100,7 @@ class _GroupQueryAttention(_AttentionKind):
 
     def macs(self, index, node):
         q, y = index.shape(node.input[0]), index.shape(node.output[0])
-        if q is None or y is None or len(y) != 3 or not _static(*y) or _input(node, 3):
+        if q is None or y is None or len(y) != 3 or not _static(*y) or optional_input(node, 3):
             return None
         return 2 * y[0] * y[1] * y[1] * y[2]
 
@@ -113,7 +114,7 @@ class _OnnxAttention(_AttentionKind):
 
     def macs(self, index, node):
         q, k, y = index.shape(node.input[0]), index.shape(node.input[1]), index.shape(node.output[0])
-        if q is None or k is None or y is None or _input(node, 4) or not _static(*q, *k, *y):
+        if q is None or k is None or y is None or optional_input(node, 4) or not _static(*q, *k, *y):
             return None
         if len(q) == 3:
             return q[0] * q[1] * k[1] * (q[2] + y[2])
@@ -147,7 +148,7 @@ def _attention_shapes(node: onnx.NodeProto, shape: ShapeOf) -> list:
 
 @register_output_shapes("MultiHeadAttention", MS)
 def _mha_shapes(node: onnx.NodeProto, shape: ShapeOf) -> list:
-    q, v = shape(node.input[0]), shape(_input(node, 2) or "")
+    q, v = shape(node.input[0]), shape(optional_input(node, 2) or "")
     if q is None or v is None or len(q) != 3:
         return []
     if len(v) == 3:
@@ -163,9 +164,9 @@ def _gqa_shapes(node: onnx.NodeProto, shape: ShapeOf) -> list:
     heads, kv_heads = int(attr(node, "num_heads", 0)), int(attr(node, "kv_num_heads", 0))
     if q is None or len(q) != 3 or not _static(q[2]) or not heads or not kv_heads:
         return []
-    packed = _input(node, 1) is None
+    packed = optional_input(node, 1) is None
     head = q[2] // (heads + 2 * kv_heads) if packed else q[2] // heads
-    total = None if _input(node, 3) else q[1]
+    total = None if optional_input(node, 3) else q[1]
     present = [q[0], kv_heads, total, head]
     return [[q[0], q[1], heads * head], present, present]
 
