@@ -463,3 +463,34 @@ def test_round_to_counts_tensor_channels_so_heads_still_prune(tmp_path):
         kept = group.size - len(plan.remove.get(group.id, []))
         assert kept < group.size and all(kept * w % 8 == 0 for w in widths), (group.name, kept, widths)
     assert sorted(unit_multiple(g, 8) for g in gs.prunable()) == [2, 2, 8, 8]  # two head groups (D = 4), two FFN
+
+
+def attention_block(op: str) -> onnx.ModelProto:
+    """q/k/v projections (4 heads of 3 channels) and an output projection around ``op``: MultiHeadAttention,
+    ai.onnx Attention, or "unfused" (the same attention written with Reshape, Transpose, MatMul and Softmax)."""
+    g = Graph()
+    q, k, v = (g.matmul("x", n, HIDDEN, 12) for n in "qkv")
+    if op == "MultiHeadAttention":
+        ctx = g.node(op, [q, k, v], ["ctx"], domain=MS, num_heads=4)
+    elif op == "Attention":
+        ctx = g.node(op, [q, k, v], ["ctx"], q_num_heads=4, kv_num_heads=4)
+    else:
+        heads = g.const("heads", [B, S, 4, 3])
+        q, k, v = (g.node("Transpose", [g.node("Reshape", [t, heads], [t + "_4d"])], [t + "_t"],
+                          perm=[0, 2, 3, 1] if t == "k" else [0, 2, 1, 3]) for t in (q, k, v))
+        scores = g.node("Mul", [g.node("MatMul", [q, k], ["scores"]), g.const("scale", 3 ** -0.5, np.float32)],
+                        ["scaled"])
+        ctx = g.node("MatMul", [g.node("Softmax", [scores], ["probs"], axis=-1), v], ["ctx_4d"])
+        ctx = g.node("Reshape", [g.node("Transpose", [ctx], ["ctx_t"], perm=[0, 2, 1, 3]),
+                                 g.const("flat", [B, S, 12])], ["ctx"])
+    return g.model(g.matmul(ctx, "out", 12, 6), opset=23 if op == "Attention" else 17)
+
+
+@needs_opset_23
+@pytest.mark.parametrize("op", ["MultiHeadAttention", "Attention"])
+def test_fused_attention_macs_and_outputs_equal_the_unfused_block(op):
+    """The same weights give the same outputs (so the fused op is the block it claims to be) and the same MACs
+    (scores and context counted like the unfused MatMuls)."""
+    fused, unfused = attention_block(op), attention_block("unfused")
+    assert_matches(unfused, fused, feeds_for(fused))
+    assert model_stats(from_proto(fused)).macs == model_stats(from_proto(unfused)).macs is not None
