@@ -398,14 +398,20 @@ def torchscript_bert(hidden: int = 16, heads: int = 4, ffn: int = 32, layers: in
     return model
 
 
-def torchscript_fused(folder, opt_level: int = 0) -> onnx.ModelProto:
-    """:func:`torchscript_bert` through onnxruntime's transformer optimizer (pure Python at opt_level 0), saved by
-    the optimizer (which adds the com.microsoft opset import) and loaded back."""
+def torchscript_fused(folder, opt_level: int = 0, option: str | None = None) -> onnx.ModelProto:
+    """:func:`torchscript_bert` through onnxruntime's transformer optimizer (pure Python at opt_level 0; ``option``:
+    a FusionOptions flag to turn on), saved by the optimizer (which adds the com.microsoft opset import) and
+    loaded back."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    source, fused = folder / "bert.onnx", folder / f"bert_fused{opt_level}.onnx"
+    options = FusionOptions("bert")
+    if option:
+        setattr(options, option, True)
+    source, fused = folder / "bert.onnx", folder / "bert_fused.onnx"
     onnx.save(torchscript_bert(), source)
-    optimize_model(str(source), model_type="bert", opt_level=opt_level).save_model_to_file(str(fused))
+    optimize_model(str(source), model_type="bert", opt_level=opt_level,
+                   optimization_options=options).save_model_to_file(str(fused))
     return onnx.load(fused)
 
 
@@ -417,17 +423,20 @@ def bert_feeds(model: onnx.ModelProto, seq: int = 6) -> dict[str, np.ndarray]:
     return {name: values[name].astype(dtype) for name, dtype in types.items()}
 
 
-@pytest.mark.parametrize("opt_level", [0, 2])
-def test_bert_fused_by_onnxruntime_prunes_heads_and_ffn(tmp_path, opt_level):
-    fused = torchscript_fused(tmp_path, opt_level)
+@pytest.mark.parametrize("opt_level, option, attention, gelu", [
+    (0, None, "Attention", "BiasGelu"), (2, None, "Attention", "BiasGelu"),
+    (0, "use_multi_head_attention", "MultiHeadAttention", "BiasGelu"),
+    (0, "enable_gelu_approximation", "Attention", "FastGelu")])
+def test_bert_fused_by_onnxruntime_prunes_heads_and_ffn(tmp_path, opt_level, option, attention, gelu):
+    fused = torchscript_fused(tmp_path, opt_level, option)
     ops = Counter(n.op_type for n in fused.graph.node if n.domain == MS)
-    assert ops == {"EmbedLayerNormalization": 1, "Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}, ops
+    assert ops == {"EmbedLayerNormalization": 1, attention: 2, "SkipLayerNormalization": 4, gelu: 2}, ops
 
     model, gs = groups_of(fused)
-    heads = [g for g in gs.groups if any(n.op_type == "Attention" and n.output[0] == d.tensor
-                                          for d in g.dims for n in fused.graph.node)]
+    outputs = {n.output[0]: n.op_type for n in fused.graph.node}
+    heads = [g for g in gs.groups if any(outputs.get(d.tensor) == attention for d in g.dims)]
     assert [(g.size, g.prunable) for g in heads] == [(4, True), (4, True)]
-    ffn = [g for g in gs.groups if any(d.tensor.endswith("_gelu") for d in g.dims)]
+    ffn = [g for g in gs.groups if any(outputs.get(d.tensor) == gelu for d in g.dims)]
     assert [(g.size, g.prunable) for g in ffn] == [(32, True), (32, True)]
     for g in gs.groups:
         if g not in heads and g not in ffn:  # the residual stream: hidden axis, with its reason
@@ -439,7 +448,7 @@ def test_bert_fused_by_onnxruntime_prunes_heads_and_ffn(tmp_path, opt_level):
     apply_plan(gs, ChannelPlan(plan))
     onnx.checker.check_model(model.proto, full_check=True)
     assert_matches(masked, model.proto, bert_feeds(fused))
-    assert [attr(n, "num_heads") for n in model.proto.graph.node if n.op_type == "Attention"] == [2, 3]
+    assert [attr(n, "num_heads") for n in model.proto.graph.node if n.op_type == attention] == [2, 3]
 
 
 def test_fused_and_unfused_bert_count_the_same_macs(tmp_path):
