@@ -17,7 +17,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from oracle import assert_matches
+from oracle import assert_matches, run
 from rules_support import groups_of
 
 from onnxprune.channels import Dim
@@ -334,7 +334,8 @@ def test_shapes_are_known_after_contrib_ops():
 
 # -- end to end: a BERT-style export fused by onnxruntime's transformer optimizer ----------------------------------
 
-def torchscript_bert(hidden: int = 16, heads: int = 4, ffn: int = 32, layers: int = 2, seed: int = 0):
+def torchscript_bert(hidden: int = 16, heads: int = 4, ffn: int = 32, layers: int = 2, positions: int = 16,
+                     seed: int = 0):
     """Post-LN BERT encoder layers over embeddings, written as the TorchScript exporter writes them."""
     g = Graph(seed)
     g.inputs = [h.make_tensor_value_info(n, T.INT64, ["batch", "seq"])
@@ -343,9 +344,9 @@ def torchscript_bert(hidden: int = 16, heads: int = 4, ffn: int = 32, layers: in
     word = g.node("Gather", [g.weight("word_emb", 30, hidden), "input_ids"], ["word"])
     seq = g.node("Gather", [g.node("Shape", ["input_ids"], ["ids_shape"]), g.const("one", 1)], ["seq_len"])
     end = g.node("Unsqueeze", [seq, g.const("ax0", [0])], ["seq_end"])  # the position_ids buffer, sliced
-    positions = g.node("Slice", [g.const("pos_buffer", np.arange(16)[None, :]), g.const("zero", [0]), end,
+    position_ids = g.node("Slice", [g.const("pos_buffer", np.arange(positions)[None, :]), g.const("zero", [0]), end,
                                  g.const("pos_axis", [1]), g.const("step", [1])], ["pos_ids"])
-    pos = g.node("Gather", [g.weight("pos_emb", 16, hidden), positions], ["pos"])
+    pos = g.node("Gather", [g.weight("pos_emb", positions, hidden), position_ids], ["pos"])
     seg = g.node("Gather", [g.weight("seg_emb", 2, hidden), "token_type_ids"], ["seg"])
     emb = g.node("Add", [g.node("Add", [word, seg], ["word_seg"]), pos], ["emb_sum"])
     x = g.node("LayerNormalization", [emb, g.weight("emb_g", hidden), g.weight("emb_b", hidden)], ["emb_out"],
@@ -503,3 +504,20 @@ def test_fused_attention_macs_and_outputs_equal_the_unfused_block(op):
     fused, unfused = attention_block(op), attention_block("unfused")
     assert_matches(unfused, fused, feeds_for(fused))
     assert model_stats(from_proto(fused)).macs == model_stats(from_proto(unfused)).macs is not None
+
+
+@pytest.mark.parametrize("kind", ["int8-dynamic", "fp16"])
+def test_fused_bert_prunes_and_quantizes_from_the_command_line(tmp_path, capsys, kind):
+    """onnxruntime's quantizer cannot type the tensors after contrib ops; it is told they are float."""
+    from cli_support import run_main
+
+    source, out = tmp_path / "bert_fused.onnx", tmp_path / "out.onnx"
+    onnx.save(torchscript_fused(tmp_path), source)
+    shapes = [arg for n in ("input_ids", "token_type_ids", "attention_mask") for arg in ("--input-shape", f"{n}:2x6")]
+    code, _, err = run_main([source, "-o", out, "--channels", "0.5", "--round-to", "1", "--quantize", kind, *shapes],
+                            capsys)
+    assert code == 0, err
+    pruned, original = onnx.load(out), onnx.load(source)
+    got, want = run(pruned, bert_feeds(pruned))[0], run(original, bert_feeds(original))[0]
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert any(n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "Cast") for n in pruned.graph.node)
