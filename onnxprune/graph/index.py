@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -27,6 +28,25 @@ CACHE_LIMIT_BYTES = 256 * 1024  # larger weights are decoded again when needed: 
 SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization",
                     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu", "Erf", "Clip",
                     "Identity", "Dropout", "Softmax", "Mish", "Softplus", "PRelu", "Cast"}
+
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+Shaped = list  # list[int | str | None]: static size, symbolic name, or unknown
+OutputShapes = Callable[[onnx.NodeProto, Callable[[str], "Shaped | None"]], "list[Shaped | None] | None"]
+_OUTPUT_SHAPES: dict[tuple[str, str], OutputShapes] = {}
+
+
+def register_output_shapes(op: str, domain: str) -> Callable[[OutputShapes], OutputShapes]:
+    """Register the output shapes of an op onnx's inference does not know (onnxruntime's contrib ops): given the
+    node and the shapes of its inputs, the shape of each output (None: unknown; its dtype is that of the first float
+    input). Without them every tensor after such an op would have no shape, and no rule could couple channels
+    there."""
+
+    def decorate(fn: OutputShapes) -> OutputShapes:
+        _OUTPUT_SHAPES[(domain, op)] = fn
+        return fn
+
+    return decorate
 
 
 @dataclass
@@ -519,15 +539,27 @@ def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
             for d, value in zip(dims, input_shapes[inp.name]):
                 d.Clear()
                 d.dim_value = int(value)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-    except Exception:  # inference is best effort: unknown shapes only make rules more conservative
-        if hints:
-            return None
-        inferred = light
-    shapes: dict[str, Dims] = {}
+    imported = {o.domain for o in light.opset_import}
+    for domain in sorted({n.domain for n in light.graph.node} - imported - {"", "ai.onnx"}):
+        light.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # onnxruntime's optimizer omits it
+    rounds = 1 + sum(1 for n in light.graph.node if (n.domain, n.op_type) in _OUTPUT_SHAPES)
+    for _ in range(rounds):  # onnx's inference runs again after each layer of ops it has no schema for
+        try:
+            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        except Exception:  # inference is best effort: unknown shapes only make rules more conservative
+            if hints:
+                return None
+            inferred = light
+        shaped, dtypes = _read_types(inferred.graph)
+        if not _add_registered_shapes(light, shaped, dtypes):
+            break
+    shapes = {name: [d if isinstance(d, int) else None for d in dims] for name, dims in shaped.items()}
+    return shapes, dtypes
+
+
+def _read_types(g: onnx.GraphProto) -> tuple[dict[str, Shaped], dict[str, int]]:
+    shapes: dict[str, Shaped] = {}
     dtypes: dict[str, int] = {}
-    g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
@@ -535,8 +567,27 @@ def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
         if tt.elem_type:
             dtypes[vi.name] = tt.elem_type
         if tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
     return shapes, dtypes
+
+
+def _add_registered_shapes(light: onnx.ModelProto, shapes: dict[str, Shaped], dtypes: dict[str, int]) -> bool:
+    """Record (as value_info of ``light``) the outputs of ops with registered shapes whose inputs are now known;
+    True when anything was added, so that onnx's inference runs again from there."""
+    added = False
+    for node in light.graph.node:
+        fn = _OUTPUT_SHAPES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
+        if fn is None or all(not o or o in shapes for o in node.output):
+            continue
+        outs = fn(node, shapes.get)
+        dtype = next((dtypes[i] for i in node.input if dtypes.get(i) in _FLOATS), onnx.TensorProto.FLOAT)
+        for name, dims in zip(node.output, outs or []):
+            if not name or name in shapes or dims is None:
+                continue
+            light.graph.value_info.append(onnx.helper.make_tensor_value_info(name, dtype, list(dims)))
+            shapes[name] = list(dims)
+            added = True
+    return added
 
 
 def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -368,3 +368,4 @@ def layer_of(index: GraphIndex, node: onnx.NodeProto) -> Layer | str:
     if len(node.input) > 1 and index.is_constant(node.input[1]) and len(index.consumers_of(node.input[1])) > 1:
         return "weight shared with other nodes"
     return kind.layer(index, node)
+from onnxprune.graph import fused_layers  # noqa: E402,F401  (registers the fused attention kinds)

@@ -105,14 +105,16 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
     else:
         targets = _global_targets(candidates, ratio, max_group_ratio,
                                   {g.id: channel_units(groups, g) for g, _, _ in candidates})
-    keeps = _budgeted_rounding(groups, chosen, targets, round_to)
+    multiples = {g.id: group_multiple(groups, g, round_to) for g in chosen}
+    keeps = _budgeted_rounding(groups, chosen, targets, multiples)
     for group, _, scores in candidates:
         _take_lowest(plan, group, scores, group.size - keeps[group.id])
-    _note_rounding(plan, chosen, targets, keeps, {g.id: group_multiple(groups, g, round_to) for g in chosen})
+    _note_rounding(plan, chosen, targets, keeps, multiples)
     for g in chosen:
         units = channel_units(groups, g)
         if units > 1 and round_to > 1 and g.id not in plan.notes:
-            plan.notes[g.id] = f"units of {units} columns each (heads, split slices): not rounded to --round-to"
+            plan.notes[g.id] = (f"units of {units} columns each (heads, split slices): kept in multiples of "
+                                f"{group_multiple(groups, g, round_to)} for --round-to {round_to}")
     return plan
 
 
@@ -154,11 +156,11 @@ def channel_units(groups: GroupSet, group: ChannelGroup) -> int:
 
 
 def group_multiple(groups: GroupSet, group: ChannelGroup, round_to: int) -> int:
-    """The kept-channel multiple of a group: ``round_to`` for channels of one row/column (conv, FFN: onnxruntime's
-    kernels work in blocks of them), 1 for channels owning several in every weight (a head and its D columns): a
-    head is its own unit, the per-head attention MatMuls do not depend on the head count, and D is usually a
-    multiple of the block already (64 in BERT)."""
-    return 1 if channel_units(groups, group) > 1 else round_to
+    """The kept-channel multiple of a group, so that every weight it touches keeps a multiple of ``round_to`` rows or
+    columns (onnxruntime's kernels work in blocks of them): ``round_to`` for a conv or FFN channel; for a channel
+    owning D columns of every weight (an attention head), round_to / gcd(round_to, D): 1 when D is a multiple of the
+    block already (64 in BERT), so a head is then its own unit."""
+    return round_to // math.gcd(round_to, channel_units(groups, group))
 
 
 def activation_matmuls(index: GraphIndex) -> list:
@@ -182,11 +184,11 @@ def channel_costs(groups: GroupSet, group: ChannelGroup, matmuls: list | None = 
 
 
 def _budgeted_rounding(groups: GroupSet, chosen: list[ChannelGroup], targets: dict[int, float],
-                       round_to: int) -> dict[int, int]:
+                       multiple: dict[int, int]) -> dict[int, int]:
     """Round every group's kept count to an allowed value near its target, then move groups one allowed step down
     (or back up) so that the estimated MACs stay at most, and as close as possible to, what exact (unrounded)
-    pruning would keep. Gentlest moves first: the group whose step is the smallest share of its size."""
-    multiple = {g.id: group_multiple(groups, g, round_to) for g in chosen}
+    pruning would keep. Gentlest moves first: the group whose step is the smallest share of its size. ``multiple``:
+    per group, the kept-count multiple (:func:`group_multiple`)."""
     options = {g.id: allowed_keeps(g.size, multiple[g.id]) for g in chosen}
     keeps = {g.id: round_keep(g.size, targets[g.id], multiple[g.id]) if targets[g.id] < g.size else g.size
              for g in chosen}

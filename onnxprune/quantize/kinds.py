@@ -70,8 +70,10 @@ class _BatchReader:
         return next(self._batches, None)
 
 
-def _weight_options() -> dict[str, bool]:
-    return {"WeightSymmetric": True}
+def _weight_options() -> dict[str, object]:
+    """Symmetric weights; tensors whose type onnx cannot infer (after onnxruntime's contrib ops, e.g. a fused
+    Attention) are float, the only type these models quantize from."""
+    return {"WeightSymmetric": True, "DefaultTensorType": onnx.TensorProto.FLOAT}
 
 
 @quant_kind
