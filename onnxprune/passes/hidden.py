@@ -51,8 +51,7 @@ class SliceHidden(Pass[PruneState]):
                               "Please report this with the model.")
         kept = plan.sliced.shape[1]
         state.changed |= slice_stream(state.index, stream, plan.sliced, plan.fold, plan.centre)
-        ranks = {t: state.index.rank(t) for t in stream.tensors}
-        state.kept.update({Dim(t, rank - 1): plan.kept for t, rank in ranks.items() if rank})
+        state.kept.update({Dim(t, rank - 1): plan.kept for t, rank in stream.ranks.items()})
         state.original = reference
         state.rebuild_index()
         state.report.structure_changed = True

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.graph.index import GraphIndex, attr, node_label
+from onnxprune.graph.index import GraphIndex, attr, node_label, without_weights
 
 # (domain, op) -> whether it is an RMSNorm (no mean subtraction); LayerNormalization subtracts the mean
 NORMS = {("", "LayerNormalization"): False, ("", "SimplifiedLayerNormalization"): True,
@@ -78,6 +78,7 @@ class Stream:
     writers: list[Writer] = field(default_factory=list)
     readers: list[Reader] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)  # run-time tensors with the hidden width on their last axis
+    ranks: dict[str, int] = field(default_factory=dict)  # of those tensors, where known
     shapes: list[onnx.NodeProto] = field(default_factory=list)  # Shape nodes reading one of them
 
     @property
@@ -97,10 +98,36 @@ def find_stream(index: GraphIndex) -> Stream | str:
         return str(reason)
 
 
+def _stand_in_shapes(index: GraphIndex) -> dict[str, list]:
+    """Shapes onnx cannot infer past onnxruntime's SimplifiedLayerNormalization (an op onnx does not know): inferred
+    on a weight-free copy in which it stands in as LayerNormalization, which gives the same output shape."""
+    light = without_weights(index.model.proto)
+    stand_ins = [node for node in light.graph.node if node.op_type == "SimplifiedLayerNormalization"]
+    if not stand_ins:
+        return {}
+    for node in stand_ins:
+        node.op_type, node.domain = "LayerNormalization", ""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception:  # best effort, as for the index's own inference
+        return {}
+    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+            for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")}
+
+
 class _Walk:
     def __init__(self, index: GraphIndex) -> None:
         self.index = index
         self.seen: set[str] = set()
+        self.stand_in = _stand_in_shapes(index)
+
+    def rank(self, t: str) -> int | None:
+        shape = self.index.shape(t) or self.stand_in.get(t)
+        return None if shape is None else len(shape)
+
+    def width(self, t: str) -> int | None:
+        shape = self.index.shape(t) or self.stand_in.get(t)
+        return shape[-1] if shape else None
 
     def stream(self) -> Stream:
         index = self.index
@@ -109,7 +136,7 @@ class _Walk:
         norms = [n for n in (self.norm(node) for node in index.graph.node) if n is not None]
         if not norms:
             raise _Refused(self.no_norm_reason())
-        widths = {index.size(n.x, -1) for n in norms}
+        widths = {self.width(n.x) for n in norms}
         if len(widths) != 1 or None in widths:
             raise _Refused(f"the normalisations have different or unknown widths ({sorted(map(str, widths))})")
         if len({n.rms for n in norms}) != 1:
@@ -141,7 +168,7 @@ class _Walk:
         if rms is None:
             return None
         index, label = self.index, node_label(node)
-        rank = index.rank(node.input[0])
+        rank = self.rank(node.input[0])
         axis = int(attr(node, "axis", -1))
         if rank is None or axis % rank != rank - 1:
             raise _Refused(f"{label} normalises over more than the last axis (or its rank is unknown)")
@@ -251,12 +278,14 @@ class _Walk:
     # -- small checks ---------------------------------------------------------------------------------------------
 
     def track(self, t: str) -> None:
-        width = self.index.size(t, -1)
+        width = self.width(t)
         if width is not None and width != self.s.width:
             raise _Refused(f"'{t}' on the stream has last axis {width}, not the hidden width {self.s.width}")
         if t not in self.seen:
             self.seen.add(t)
             self.s.tensors.append(t)
+            if self.rank(t):
+                self.s.ranks[t] = self.rank(t)
 
     def sole_use(self, t: str) -> None:
         if len(self.index.consumers_of(t)) != 1 or t in self.index.graph_outputs:
@@ -291,7 +320,7 @@ class _Walk:
         return add, slot
 
     def along_other_axes(self, op: onnx.NodeProto, t: str) -> bool:
-        rank = self.index.rank(t)
+        rank = self.rank(t)
         if rank is None:
             return False
         if op.op_type == "Gather":
