@@ -83,15 +83,21 @@ class _Builder:
 
 def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: int = 32, heads: int = 4,
             ffn: int = 64, seq: int = 8, features: int = 16, classes: int = 10, seed: int = 0,
-            sequence_output: bool = False) -> onnx.ModelProto:
+            sequence_output: bool = False, tokens: int = 0) -> onnx.ModelProto:
     """A small encoder (see the module docstring); ``sequence_output``: the final normalised sequence is a graph
-    output too (it must keep its width)."""
+    output too (it must keep its width); ``tokens``: the input is int64 token ids embedded by a Gather from a table
+    of this many rows (BERT's word embedding) instead of float features and a MatMul."""
     opset = 23 if norm == "rms23" else 17
     b = _Builder(seed, opset)
     # a stream with a few strong directions: the embedding writes mostly into a low-dimensional subspace
     mixing = b.rng.standard_normal((features, width)) * np.linspace(3.0, 0.2, width) / np.sqrt(features)
-    embedded = b.op("MatMul", ["x", b.const(mixing.astype(np.float32), "embed_w")])
-    embedded = b.op("Add", [b.const((0.1 * b.rng.standard_normal(width)).astype(np.float32), "embed_b"), embedded])
+    if tokens:
+        table = b.rng.standard_normal((tokens, features)) @ mixing
+        embedded = b.op("Gather", [b.const(table.astype(np.float32), "word_table"), "x"], axis=0)
+    else:
+        embedded = b.op("MatMul", ["x", b.const(mixing.astype(np.float32), "embed_w")])
+        embedded = b.op("Add", [b.const((0.1 * b.rng.standard_normal(width)).astype(np.float32), "embed_b"),
+                                embedded])
     stream = b.op("Add", [embedded, b.const((0.3 * b.rng.standard_normal((1, seq, width))).astype(np.float32),
                                             "pos")])
     if post_ln:
@@ -109,9 +115,9 @@ def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: 
     outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", classes])]
     if sequence_output:
         outputs.append(helper.make_tensor_value_info(final, TensorProto.FLOAT, ["batch", seq, width]))
-    graph = helper.make_graph(b.nodes, "encoder", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                                  ["batch", seq, features])],
-                              outputs, b.inits)
+    source = helper.make_tensor_value_info("x", TensorProto.INT64, ["batch", seq]) if tokens else \
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, features])
+    graph = helper.make_graph(b.nodes, "encoder", [source], outputs, b.inits)
     imports = [helper.make_opsetid("", opset)]
     if norm == "simplified":  # onnxruntime's contrib op in the ONNX domain: the input check then lets ORT judge it
         imports.append(helper.make_opsetid("com.microsoft", 1))
@@ -121,9 +127,14 @@ def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: 
 
 
 def calibration(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs of the encoder's input shape."""
-    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-    return {"x": np.random.default_rng(seed).standard_normal((samples, *dims)).astype(np.float32)}
+    """Random inputs of the encoder's input shape (token ids below the table's size)."""
+    source = model.graph.input[0].type.tensor_type
+    dims = [d.dim_value for d in source.shape.dim[1:]]
+    rng = np.random.default_rng(seed)
+    if source.elem_type == TensorProto.INT64:
+        rows = next(t.dims[0] for t in model.graph.initializer if t.name.startswith("word_table"))
+        return {"x": rng.integers(0, rows, (samples, *dims), dtype=np.int64)}
+    return {"x": rng.standard_normal((samples, *dims)).astype(np.float32)}
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

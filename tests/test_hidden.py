@@ -55,6 +55,8 @@ def _transformer_feeds(samples: int, seed: int) -> dict[str, np.ndarray]:
 CASES = [pytest.param(lambda post=post, norm=norm, seq=seq: encoder(post, norm, sequence_output=seq), id=f"{'post' if post else 'pre'}-{norm}"
                       f"{'-seq' if seq else ''}")
          for post in (False, True) for norm in NORM_KINDS for seq in (False, True) if norm != "rms23" or not seq]
+CASES += [pytest.param(lambda post=post: encoder(post, "layer", tokens=50), id=f"{'post' if post else 'pre'}-tokens")
+          for post in (False, True)]
 
 
 def _feeds(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
