@@ -202,3 +202,15 @@ def test_cli_refuses_a_model_without_a_stream(tmp_path, model_copy, capsys):
     assert code == 2
     assert_one_error(err, "--hidden cannot slice this model's hidden width", "no LayerNormalization")
     assert not (tmp_path / "resnet_bn.pruned.onnx").exists()
+
+
+def test_a_rewrite_that_changes_the_outputs_writes_nothing(tmp_path, model_copy, capsys, monkeypatch):
+    import onnxprune.passes.hidden as hidden_pass
+
+    path = model_copy("transformer.onnx")
+    np.savez(tmp_path / "calib.npz", **_transformer_feeds(8, 1))
+    monkeypatch.setattr(hidden_pass, "relative_difference", lambda expected, actual: 0.5)
+    code, _, err = run_main([path, "--hidden", "0.25", "--calib", tmp_path / "calib.npz"], capsys)
+    assert code == 4
+    assert_one_error(err, "without slicing changed the outputs", "0.5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "transformer.onnx"]

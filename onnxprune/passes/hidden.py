@@ -55,6 +55,8 @@ class SliceHidden(Pass[PruneState]):
         state.original = reference
         state.rebuild_index()
         state.report.structure_changed = True
+        if state.proof is not None:  # --verify proved the channel removal, which this step then changes on purpose
+            state.proof += "; then --hidden removed hidden width on purpose (an approximation of the verified model)"
         state.report.hidden = HiddenRow("post-LN" if plan.post_ln else "pre-LN", plan.treatment, stream.width, kept,
                                         len(stream.norms), len(stream.writers), len(stream.readers),
                                         plan.variance_kept, difference)
