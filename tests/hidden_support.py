@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-NORM_KINDS = ("layer", "simplified", "rms23")
+NORM_KINDS = ("layer", "simplified", "rms23", "decomposed", "decomposed-rms")
 
 
 class _Builder:
@@ -54,7 +54,24 @@ class _Builder:
             return self.op("LayerNormalization", [x, scale, shift], axis=-1, epsilon=1e-5)
         if kind == "simplified":
             return self.op("SimplifiedLayerNormalization", [x, scale], axis=-1, epsilon=1e-5)
-        return self.op("RMSNormalization", [x, scale], axis=-1, epsilon=1e-5)
+        if kind == "rms23":
+            return self.op("RMSNormalization", [x, scale], axis=-1, epsilon=1e-5)
+        # as exporters write them below opset 17: elementwise ops and ReduceMean over the last axis
+        centred = x if kind == "decomposed-rms" else self.op("Sub", [x, self.mean_last(x)])
+        square = self.op("Mul", [centred, centred]) if kind == "decomposed-rms" else \
+            self.op("Pow", [centred, self.const(np.array(2.0, np.float32), "two")])
+        root = self.op("Sqrt", [self.op("Add", [self.mean_last(square), self.const(np.array(1e-5, np.float32),
+                                                                                        "eps")])])
+        scaled = self.op("Mul", [self.op("Div", [centred, root]), scale])
+        if kind == "decomposed-rms":
+            return scaled
+        return self.op("Add", [scaled, self.const((0.2 * self.rng.standard_normal(width)).astype(np.float32),
+                                                  "beta")])
+
+    def mean_last(self, x: str) -> str:
+        if self.opset >= 18:
+            return self.op("ReduceMean", [x, self.const(np.array([-1], np.int64), "axes")], keepdims=1)
+        return self.op("ReduceMean", [x], axes=[-1], keepdims=1)
 
     def attention(self, x: str, width: int, heads: int) -> str:
         dim = width // heads

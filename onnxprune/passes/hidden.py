@@ -13,6 +13,7 @@ import onnx
 
 from onnxprune.channels import Dim
 from onnxprune.errors import ConfigError, OutputError
+from onnxprune.graph.check import short_message
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.io import from_proto
 from onnxprune.graph.stats import static_input_shapes
@@ -51,6 +52,11 @@ class SliceHidden(Pass[PruneState]):
                               "Please report this with the model.")
         kept = plan.sliced.shape[1]
         state.changed |= slice_stream(state.index, stream, plan.sliced, plan.fold, plan.centre)
+        try:  # a width this module did not see (a constant in a reshape of some other tensor) fails only at run time
+            run(state.model.proto, state.batches[0])
+        except Exception as exc:  # onnxruntime raises its own types
+            raise ConfigError(f"--hidden cannot slice this model's hidden width: the sliced model does not run "
+                              f"({short_message(exc)})") from None
         state.kept.update({Dim(t, rank - 1): plan.kept for t, rank in stream.ranks.items()})
         state.original = reference
         state.rebuild_index()

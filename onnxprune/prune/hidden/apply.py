@@ -45,13 +45,18 @@ def slice_stream(index: GraphIndex, stream: Stream, basis: np.ndarray, fold: boo
         if fold:
             _to_rms(edit, n, width, kept)
         else:
-            edit.set(n.node, 1, edit.value(n.scale) @ basis)
-            if n.bias is not None:
-                edit.set(n.node, 2, edit.value(n.bias) @ basis)
+            for at in (n.scale, n.bias):
+                if at is not None:
+                    shape = edit.index.const_value(at[0].input[at[1]]).shape
+                    edit.set(*at, (edit.value(at[0].input[at[1]]).reshape(-1) @ basis).reshape(*shape[:-1], kept))
     for r in outputs:
         _project_back(edit, r, basis, fold)
     for shape in stream.shapes:
         _full_width(edit, shape, width)
+    for reshape in stream.reshapes:  # a constant target ends with the width
+        target = edit.index.const_value(reshape.input[1]).copy()
+        target.reshape(-1)[-1] = kept
+        edit.set(reshape, 1, target)
     stale = set(stream.tensors)
     graph = index.graph
     for k in reversed([k for k, vi in enumerate(graph.value_info) if vi.name in stale]):
@@ -65,9 +70,10 @@ def _reader(edit: "_Edit", r: Reader, basis: np.ndarray, fold: bool) -> None:
     weight = np.moveaxis(edit.value(r.node.input[r.slot]), r.axis, 0)  # [d, outputs]
     shift = None
     if fold:
-        if r.norm.bias is not None:
-            shift = edit.value(r.norm.bias) @ weight
-        weight = edit.value(r.norm.scale)[:, None] * weight
+        beta = r.norm.beta(edit.index)
+        if beta is not None:
+            shift = beta @ weight
+        weight = r.norm.gamma(edit.index, len(weight))[:, None] * weight
     edit.set(r.node, r.slot, np.moveaxis(basis.T @ weight, 0, r.axis))
     if shift is None or not np.any(shift):
         return
@@ -91,7 +97,7 @@ def _reader(edit: "_Edit", r: Reader, basis: np.ndarray, fold: bool) -> None:
 def _to_rms(edit: "_Edit", n: Norm, width: int, kept: int) -> None:
     """Replace the norm by an RMSNorm over ``kept`` channels equal to the ``width``-channel one (decomposed, the
     pattern onnxruntime fuses into SimplifiedLayerNormalization); its scale and shift were folded into readers."""
-    x, y, base = n.x, n.y, n.node.name or n.y
+    x, y, base = n.x, n.y, n.nodes[0].name or n.y
     square = edit.node("Pow", [x, edit.constant(np.array(2.0), f"{base}_two")], [edit.fresh(f"{base}_square")])
     mean_out = edit.fresh(f"{base}_mean_square")
     if edit.index.opset >= 18:
@@ -103,7 +109,8 @@ def _to_rms(edit: "_Edit", n: Norm, width: int, kept: int) -> None:
     root = edit.node("Sqrt", [shifted], [edit.fresh(f"{base}_rms")])
     normed = edit.node("Div", [x, root], [edit.fresh(f"{base}_normalised")])
     edit.node("Mul", [normed, edit.constant(np.full(kept, np.sqrt(width / kept)), f"{base}_scale")], [y])
-    edit.remove(n.node)
+    for node in n.nodes:
+        edit.remove(node)
 
 
 def _project_back(edit: "_Edit", r: Reader, basis: np.ndarray, fold: bool) -> None:
@@ -119,12 +126,13 @@ def _project_back(edit: "_Edit", r: Reader, basis: np.ndarray, fold: bool) -> No
             if name == t:
                 node.input[k] = narrow
     projection = basis.T
+    beta = r.norm.beta(edit.index) if fold else None
     if fold:
-        projection = projection * edit.value(r.norm.scale)[None, :]
-    if fold and r.norm.bias is not None:
+        projection = projection * r.norm.gamma(edit.index, len(basis))[None, :]
+    if beta is not None:
         projected = edit.node("MatMul", [narrow, edit.constant(projection, f"{t}_projection")],
                               [edit.fresh(f"{t}_projected")])
-        edit.node("Add", [projected, edit.constant(edit.value(r.norm.bias), f"{t}_shift")], [t])
+        edit.node("Add", [projected, edit.constant(beta, f"{t}_shift")], [t])
     else:
         edit.node("MatMul", [narrow, edit.constant(projection, f"{t}_projection")], [t])
 

@@ -18,32 +18,12 @@ import numpy as np
 import onnx
 
 from onnxprune.graph.index import GraphIndex, attr, node_label, without_weights
+from onnxprune.prune.hidden.norms import Norm, Refused, find_norms
 
-# (domain, op) -> whether it is an RMSNorm (no mean subtraction); LayerNormalization subtracts the mean
-NORMS = {("", "LayerNormalization"): False, ("", "SimplifiedLayerNormalization"): True,
-         ("com.microsoft", "SimplifiedLayerNormalization"): True, ("", "RMSNormalization"): True}
 FUSED = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization")
-ALONG_OTHER_AXES = ("ReduceMean", "Gather", "Slice")  # readers see through these when they leave the last axis
+# readers see through these when they leave the last axis where it is
+ALONG_OTHER_AXES = ("ReduceMean", "Gather", "Slice", "Transpose", "Reshape")
 MIN_OPSET = 13  # Slice/ReduceMean/Concat forms the rewrite emits
-
-
-@dataclass
-class Norm:
-    """A normalisation over the hidden (last) axis: ``scale``/``bias`` are constant names (bias may be absent)."""
-
-    node: onnx.NodeProto
-    rms: bool
-    scale: str
-    bias: str | None
-    epsilon: float
-
-    @property
-    def x(self) -> str:
-        return self.node.input[0]
-
-    @property
-    def y(self) -> str:
-        return self.node.output[0]
 
 
 @dataclass
@@ -79,22 +59,19 @@ class Stream:
     readers: list[Reader] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)  # run-time tensors with the hidden width on their last axis
     ranks: dict[str, int] = field(default_factory=dict)  # of those tensors, where known
-    shapes: list[onnx.NodeProto] = field(default_factory=list)  # Shape nodes reading one of them
+    shapes: list[onnx.NodeProto] = field(default_factory=list)  # Shape nodes reading one of them, to report d
+    reshapes: list[onnx.NodeProto] = field(default_factory=list)  # Reshapes on the stream with a constant target
 
     @property
     def rms(self) -> bool:
         return self.norms[0].rms
 
 
-class _Refused(Exception):
-    """Internal: the walk met something it cannot rotate or slice; the message is the reason."""
-
-
 def find_stream(index: GraphIndex) -> Stream | str:
     """The residual stream of the model ``index`` describes, or the reason there is none this module can slice."""
     try:
         return _Walk(index).stream()
-    except _Refused as reason:
+    except Refused as reason:
         return str(reason)
 
 
@@ -132,53 +109,38 @@ class _Walk:
     def stream(self) -> Stream:
         index = self.index
         if index.opset < MIN_OPSET:
-            raise _Refused(f"opset {index.opset} is below {MIN_OPSET}")
-        norms = [n for n in (self.norm(node) for node in index.graph.node) if n is not None]
+            raise Refused(f"opset {index.opset} is below {MIN_OPSET}")
+        norms = find_norms(index)
         if not norms:
-            raise _Refused(self.no_norm_reason())
+            raise Refused(self.no_norm_reason())
         widths = {self.width(n.x) for n in norms}
         if len(widths) != 1 or None in widths:
-            raise _Refused(f"the normalisations have different or unknown widths ({sorted(map(str, widths))})")
+            raise Refused(f"the normalisations have different or unknown widths ({sorted(map(str, widths))})")
         if len({n.rms for n in norms}) != 1:
-            raise _Refused("LayerNormalization and RMSNorm are mixed on the stream")
+            raise Refused("LayerNormalization and RMSNorm are mixed on the stream")
         xs, ys = {n.x for n in norms}, {n.y for n in norms}
         post_ln = self.layout(norms, xs, ys)
         self.s = Stream(post_ln, widths.pop(), norms)
         self.xs, self.ys = xs, ys
         for n in norms:
-            if index.const_value(n.scale).shape != (self.s.width,):
-                raise _Refused(f"{node_label(n.node)}: scale is not a vector of the hidden width")
+            if n.gamma(index, self.s.width).shape != (self.s.width,):
+                raise Refused(f"{n.label}: scale is not a vector of the hidden width")
+            if post_ln:  # the chain of a decomposed norm is sliced with it
+                for t in n.inner:
+                    self.track(t)
             self.written(n)
             self.read(n, n.y)
+        self.settle_shapes()
         return self.s
 
     def no_norm_reason(self) -> str:
         ops = {node.op_type for node in self.index.graph.node}
-        reason = "no LayerNormalization, SimplifiedLayerNormalization or RMSNormalization over the last axis"
+        reason = ("no LayerNormalization, SimplifiedLayerNormalization or RMSNormalization over the last axis, nor "
+                  "the same decomposed into ReduceMean/Sub/Pow/Sqrt/Div")
         fused = [op for op in FUSED if op in ops]
         if fused:
             reason += f" (fused {', '.join(fused)} is not handled yet)"
-        elif {"ReduceMean", "Sqrt", "Div"} <= ops:
-            reason += " (a norm decomposed into ReduceMean/Sub/Pow/Sqrt/Div is not recognised yet)"
         return reason
-
-    def norm(self, node: onnx.NodeProto) -> Norm | None:
-        domain = "" if node.domain in ("", "ai.onnx") else node.domain
-        rms = NORMS.get((domain, node.op_type))
-        if rms is None:
-            return None
-        index, label = self.index, node_label(node)
-        rank = self.rank(node.input[0])
-        axis = int(attr(node, "axis", -1))
-        if rank is None or axis % rank != rank - 1:
-            raise _Refused(f"{label} normalises over more than the last axis (or its rank is unknown)")
-        if any(o and (index.consumers_of(o) or o in index.graph_outputs) for o in node.output[1:]):
-            raise _Refused(f"{label}: its statistics outputs are used")
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        for name in (node.input[1], bias):
-            if name is not None and (not index.is_constant(name) or index.const_value(name).dtype != np.float32):
-                raise _Refused(f"{label}: scale and bias must be float32 constants")
-        return Norm(node, rms, node.input[1], bias, float(attr(node, "epsilon", 1e-5)))
 
     def layout(self, norms: list[Norm], xs: set[str], ys: set[str]) -> bool:
         """True for post-LN: residual Adds that make a norm's input add a norm's output, not a norm's input."""
@@ -192,7 +154,7 @@ class _Walk:
             return False
         if post and not pre:
             return True
-        raise _Refused("neither pre-LN (x + f(norm(x))) nor post-LN (norm(x + f(x))) residual blocks were found"
+        raise Refused("neither pre-LN (x + f(norm(x))) nor post-LN (norm(x + f(x))) residual blocks were found"
                        if not pre else "the residual Adds mix pre-LN and post-LN blocks")
 
     def written(self, n: Norm) -> None:
@@ -206,23 +168,24 @@ class _Walk:
         if residual:
             branch = [name for name in use.node.input if name not in stream_side]
             if len(branch) != 1:
-                raise _Refused(f"{node_label(use.node)} adds two stream positions")
+                raise Refused(f"{node_label(use.node)} adds two stream positions")
             self.sole_use(branch[0])
             self.expression(branch[0])
         else:
             self.expression(x)
         for use in self.index.consumers_of(x):
             op = use.node
-            if op is n.node or (not self.s.post_ln and (op.output[0] in self.xs and op.op_type == "Add"
-                                                         or any(op is m.node for m in self.s.norms))):
+            if any(op is node for node in n.nodes) or (not self.s.post_ln and (
+                    op.output[0] in self.xs and op.op_type == "Add"
+                    or any(op is node for m in self.s.norms for node in m.nodes))):
                 continue
             if op.op_type == "Shape":
                 self.shape(op)
                 continue
-            raise _Refused(f"the stream tensor '{x}' is read by {node_label(op)}, which is neither a normalisation "
+            raise Refused(f"the stream tensor '{x}' is read by {node_label(op)}, which is neither a normalisation "
                            "nor the next residual Add")
         if x in self.index.graph_outputs:
-            raise _Refused(f"the stream tensor '{x}' is a graph output")
+            raise Refused(f"the stream tensor '{x}' is a graph output")
 
     def expression(self, t: str) -> None:
         """``t`` is a sum of terms the rewrite can rotate: constants, MatMul/Gemm/Gather with constant weights."""
@@ -230,7 +193,7 @@ class _Walk:
         self.track(t)
         use = index.producer.get(t)
         if use is None:
-            raise _Refused(f"the stream is written by the graph input '{t}'")
+            raise Refused(f"the stream is written by the graph input '{t}'")
         op = use.node
         if op.op_type == "Add":
             for slot, name in enumerate(op.input):
@@ -247,8 +210,11 @@ class _Walk:
                 self.constant(op, 2)
         elif op.op_type == "Gather" and int(attr(op, "axis", 0)) == 0 and self.weight(op.input[0]):
             self.add_writer(op, 0, 1)
+        elif op.op_type in ("Transpose", "Reshape") and self.along_other_axes(op, op.input[0]):
+            self.sole_use(op.input[0])
+            self.expression(op.input[0])
         else:
-            raise _Refused(f"the stream is written by {node_label(op)}, which cannot be rotated or sliced (only "
+            raise Refused(f"the stream is written by {node_label(op)}, which cannot be rotated or sliced (only "
                            "sums of constants and MatMul/Gemm/Gather outputs with constant weights can)")
 
     def read(self, n: Norm, t: str) -> None:
@@ -263,7 +229,7 @@ class _Walk:
                 self.s.readers.append(Reader(n, op, 1, 0, self.bias_after(op), t))
             elif op.op_type == "Gemm" and use.index == 0 and not attr(op, "transA", 0) and self.weight(op.input[1]):
                 if len(op.input) > 2 and op.input[2] and not index.is_constant(op.input[2]):
-                    raise _Refused(f"{node_label(op)}: its C input is computed")
+                    raise Refused(f"{node_label(op)}: its C input is computed")
                 self.s.readers.append(Reader(n, op, 1, 1 if attr(op, "transB", 0) else 0, (op, 2), t))
             elif op.op_type in ALONG_OTHER_AXES and use.index == 0 and self.along_other_axes(op, t):
                 self.read(n, op.output[0])
@@ -272,7 +238,7 @@ class _Walk:
             elif self.s.post_ln and op.op_type == "Add" and op.output[0] in self.xs:
                 continue  # the residual Add into the next norm
             else:
-                raise _Refused(f"{node_label(op)} reads the normalised stream '{t}' and is not a MatMul or Gemm "
+                raise Refused(f"{node_label(op)} reads the normalised stream '{t}' and is not a MatMul or Gemm "
                                "with a constant weight")
 
     # -- small checks ---------------------------------------------------------------------------------------------
@@ -280,7 +246,7 @@ class _Walk:
     def track(self, t: str) -> None:
         width = self.width(t)
         if width is not None and width != self.s.width:
-            raise _Refused(f"'{t}' on the stream has last axis {width}, not the hidden width {self.s.width}")
+            raise Refused(f"'{t}' on the stream has last axis {width}, not the hidden width {self.s.width}")
         if t not in self.seen:
             self.seen.add(t)
             self.s.tensors.append(t)
@@ -288,8 +254,27 @@ class _Walk:
                 self.s.ranks[t] = self.rank(t)
 
     def sole_use(self, t: str) -> None:
-        if len(self.index.consumers_of(t)) != 1 or t in self.index.graph_outputs:
-            raise _Refused(f"'{t}', a term of the stream, is also read elsewhere")
+        """``t`` feeds one node, apart from Shape nodes (recorded)."""
+        uses = self.index.consumers_of(t)
+        for use in uses:
+            if use.node.op_type == "Shape":
+                self.shape(use.node)
+        if len([u for u in uses if u.node.op_type != "Shape"]) != 1 or t in self.index.graph_outputs:
+            raise Refused(f"'{t}', a term of the stream, is also read elsewhere")
+
+    def keeps_last_axis(self, op: onnx.NodeProto) -> bool:
+        """A Reshape that leaves the hidden axis last and whole (merging or splitting only the others); a constant
+        target, which says the width, is recorded for the rewrite."""
+        if self.width(op.input[0]) != self.s.width or self.width(op.output[0]) != self.s.width:
+            return False
+        if not self.index.is_constant(op.input[1]):
+            return True  # computed from Shape nodes, which the rewrite sees to
+        target = self.index.const_value(op.input[1]).reshape(-1)
+        if int(target[-1]) != self.s.width:
+            return False
+        if all(op is not r for r in self.s.reshapes):
+            self.s.reshapes.append(op)
+        return True
 
     def weight(self, name: str) -> bool:
         value = self.index.const_value(name) if self.index.is_constant(name) else None
@@ -297,13 +282,13 @@ class _Walk:
 
     def add_writer(self, node: onnx.NodeProto, slot: int, axis: int) -> None:
         if self.index.const_value(node.input[slot]).shape[axis] != self.s.width:
-            raise _Refused(f"{node_label(node)}: its weight does not have the hidden width")
+            raise Refused(f"{node_label(node)}: its weight does not have the hidden width")
         self.s.writers.append(Writer(node, slot, axis))
 
     def constant(self, node: onnx.NodeProto, slot: int) -> None:
         value = self.index.const_value(node.input[slot])
         if value.ndim == 0 or value.shape[-1] != self.s.width or value.dtype != np.float32:
-            raise _Refused(f"the constant '{node.input[slot]}' added to the stream is not float32 with the hidden "
+            raise Refused(f"the constant '{node.input[slot]}' added to the stream is not float32 with the hidden "
                            "width on its last axis")
         self.s.writers.append(Writer(node, slot, value.ndim - 1))
 
@@ -325,6 +310,11 @@ class _Walk:
             return False
         if op.op_type == "Gather":
             return int(attr(op, "axis", 0)) % rank != rank - 1
+        if op.op_type == "Transpose":
+            perm = attr(op, "perm", None)
+            return perm is not None and int(perm[-1]) == rank - 1
+        if op.op_type == "Reshape":
+            return self.keeps_last_axis(op)
         slot = 1 if op.op_type == "ReduceMean" else 3
         axes = attr(op, "axes", None)
         if len(op.input) > slot and op.input[slot]:
@@ -340,6 +330,50 @@ class _Walk:
 
     def shape(self, op: onnx.NodeProto) -> None:
         if attr(op, "start", None) is not None or attr(op, "end", None) is not None:
-            raise _Refused(f"{node_label(op)} takes part of the stream's shape")
+            raise Refused(f"{node_label(op)} takes part of the stream's shape")
         if all(op is not s for s in self.s.shapes):
             self.s.shapes.append(op)
+
+    def settle_shapes(self) -> None:
+        """Keep, among the Shape nodes on the stream, those that must go on reporting the full width: a shape that
+        only sizes Reshapes *of the stream* must follow the new width (it stays as it is); one that sizes anything
+        else (an attention output's own width, say) keeps the old one. Both at once cannot be served."""
+        keep = []
+        for shape in self.s.shapes:
+            targets, visited = [], set()
+            todo = [o for use in self.index.consumers_of(shape.output[0]) if self.picks_width(shape, use.node)
+                    for o in use.node.output]
+            if shape.output[0] in self.index.graph_outputs or any(
+                    u.node.op_type == "Reshape" for u in self.index.consumers_of(shape.output[0])):
+                todo.append(shape.output[0])
+            while todo:
+                t = todo.pop()
+                for use in self.index.consumers_of(t):
+                    if use.node.op_type == "Reshape" and use.index == 1:
+                        targets.append(use.node.input[0] in self.seen)
+                    elif id(use.node) not in visited:
+                        visited.add(id(use.node))
+                        todo += [o for o in use.node.output if o]
+            if targets and all(targets):
+                continue
+            if any(targets):
+                raise Refused(f"{node_label(shape)} sizes both a Reshape of the stream and another tensor")
+            keep.append(shape)
+        self.s.shapes = keep
+
+    def picks_width(self, shape: onnx.NodeProto, op: onnx.NodeProto) -> bool:
+        """Whether ``op``, reading ``shape``'s output, may take the last dim (the width): a Gather or Slice with
+        constant positions that leave it out does not."""
+        rank = self.rank(shape.input[0])
+        index = self.index
+        if rank is None or op.op_type not in ("Gather", "Slice") or op.input[0] != shape.output[0]:
+            return True
+        if op.op_type == "Gather":
+            if not index.is_constant(op.input[1]):
+                return True
+            return rank - 1 in {int(i) % rank for i in np.ravel(index.const_value(op.input[1]))}
+        bounds = [index.const_value(n) if n and index.is_constant(n) else None for n in op.input[1:]]
+        if len(bounds) < 2 or bounds[0] is None or bounds[1] is None or any(b is None for b in bounds[2:]):
+            return True
+        step = int(bounds[3][0]) if len(bounds) > 3 else 1
+        return rank - 1 in list(range(rank))[slice(int(bounds[0][0]), int(bounds[1][0]), step)]
