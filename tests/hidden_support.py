@@ -17,7 +17,8 @@ NORM_KINDS = ("layer", "simplified", "rms23", "decomposed", "decomposed-rms")
 
 
 class _Builder:
-    def __init__(self, seed: int, opset: int) -> None:
+    def __init__(self, seed: int, opset: int, gemm_style: bool = False) -> None:
+        self.gemm_style = gemm_style
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -86,11 +87,31 @@ class _Builder:
         context = self.op("MatMul", [self.op("Softmax", [scores], axis=-1), v])
         merged = self.op("Reshape", [self.op("Transpose", [context], perm=[0, 2, 1, 3]),
                                      self.const(np.array([0, 0, width], np.int64), "merge_shape")])
-        return self.linear(merged, width, width, "proj")
+        if not self.gemm_style:
+            return self.linear(merged, width, width, "proj")
+        # torch's nn.MultiheadAttention: the projection on [B*S, D] rows, then back to the input's [B, S] by a
+        # shape computed from Shape nodes (batch and sequence from the input, the width from the Gemm's output)
+        flat = self.op("Reshape", [merged, self.const(np.array([-1, width], np.int64), "rows")])
+        rows = self.gemm(flat, width, width, "proj")
+        return self.op("Reshape", [rows, self.op("Concat", [self.dim(x, 0), self.dim(x, 1), self.dim(rows, 1)],
+                                                axis=0)])
 
     def ffn(self, x: str, width: int, hidden: int) -> str:
+        if self.gemm_style:  # on [B*S, D] rows: a Reshape with a constant target ending in the width reads the stream
+            rows = self.op("Reshape", [x, self.const(np.array([-1, width], np.int64), "rows")])
+            up = self.gemm(rows, width, hidden, "fc1")
+            down = self.gemm(self.op("Mul", [up, self.op("Sigmoid", [up])]), hidden, width, "fc2")
+            return self.op("Reshape", [down, self.op("Shape", [x])])
         up = self.linear(x, width, hidden, "fc1")
         return self.linear(self.op("Mul", [up, self.op("Sigmoid", [up])]), hidden, width, "fc2")
+
+    def gemm(self, x: str, n_in: int, n_out: int, base: str) -> str:
+        return self.op("Gemm", [x, self.weight((n_out, n_in), f"{base}_w", np.sqrt(n_out / n_in)),
+                                self.const((0.1 * self.rng.standard_normal(n_out)).astype(np.float32), f"{base}_b")],
+                       transB=1)
+
+    def dim(self, x: str, axis: int) -> str:
+        return self.op("Gather", [self.op("Shape", [x]), self.const(np.array([axis], np.int64), "axis")], axis=0)
 
     def pool(self, x: str) -> str:
         if self.opset >= 18:
@@ -100,12 +121,13 @@ class _Builder:
 
 def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: int = 32, heads: int = 4,
             ffn: int = 64, seq: int = 8, features: int = 16, classes: int = 10, seed: int = 0,
-            sequence_output: bool = False, tokens: int = 0) -> onnx.ModelProto:
+            sequence_output: bool = False, tokens: int = 0, gemm_style: bool = False) -> onnx.ModelProto:
     """A small encoder (see the module docstring); ``sequence_output``: the final normalised sequence is a graph
     output too (it must keep its width); ``tokens``: the input is int64 token ids embedded by a Gather from a table
-    of this many rows (BERT's word embedding) instead of float features and a MatMul."""
+    of this many rows (BERT's word embedding) instead of float features and a MatMul; ``gemm_style``: the attention
+    output and the FFN work on [B*S, D] rows through Gemm, as torch's nn.MultiheadAttention exports them."""
     opset = 23 if norm == "rms23" else 17
-    b = _Builder(seed, opset)
+    b = _Builder(seed, opset, gemm_style)
     # a stream with a few strong directions: the embedding writes mostly into a low-dimensional subspace
     mixing = b.rng.standard_normal((features, width)) * np.linspace(3.0, 0.2, width) / np.sqrt(features)
     if tokens:

@@ -58,6 +58,8 @@ CASES = [pytest.param(lambda post=post, norm=norm, seq=seq: encoder(post, norm, 
          for post in (False, True) for norm in NORM_KINDS for seq in (False, True) if norm != "rms23" or not seq]
 CASES += [pytest.param(lambda post=post: encoder(post, "layer", tokens=50), id=f"{'post' if post else 'pre'}-tokens")
           for post in (False, True)]
+CASES += [pytest.param(lambda post=post: encoder(post, "decomposed", gemm_style=True),
+                       id=f"{'post' if post else 'pre'}-gemm-rows") for post in (False, True)]
 
 
 def _feeds(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:

@@ -346,6 +346,8 @@ class _Walk:
             if shape.output[0] in self.index.graph_outputs or any(
                     u.node.op_type == "Reshape" for u in self.index.consumers_of(shape.output[0])):
                 todo.append(shape.output[0])
+            if not todo:
+                continue  # only the other dims are used
             while todo:
                 t = todo.pop()
                 for use in self.index.consumers_of(t):
