@@ -3,11 +3,15 @@ lsq recovery.
 
 Models: models/transformer.onnx (pre-LN, 2 layers, width 32, random weights) and the encoders of
 tests/hidden_support.py (2 layers, width 32, 4 heads, FFN 64, random weights whose embedding favours a few stream
-directions), pre-LN and post-LN (BERT-style: a norm after the embedding and after every residual Add). None has a
-task, so the table compares the pruned model's 10 outputs with the original's on held-out random inputs (512
-samples; calibration: 128 other random samples): mean cosine similarity and top-1 agreement.
+directions), pre-LN and post-LN (BERT-style: a norm after the embedding and after every residual Add). With
+``--torch``, also a 2-layer encoder written with torch's nn.MultiheadAttention and nn.LayerNorm (width 32, 4 heads,
+FFN 64, GELU, random weights, LayerNorm scale ~ N(1, 0.3) and shift ~ N(0, 0.2)), pre- and post-LN, exported by
+torch.onnx.export(dynamo=False) at opset 14 (LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div) and 17 (into a
+temporary folder). None has a task, so the table compares the pruned model's 10 outputs with the original's on
+held-out random inputs (512 samples; calibration: 128 other random samples): mean cosine similarity and top-1
+agreement.
 
-    python tools/bench_hidden.py [--fractions 0.1,0.25,0.4]
+    python tools/bench_hidden.py [--fractions 0.1,0.25,0.4] [--torch]
 """
 
 from __future__ import annotations
@@ -43,14 +47,66 @@ def models() -> list[tuple[str, onnx.ModelProto, dict, dict]]:
             ("encoder post-LN", post, calibration(post, 128, 1), calibration(post, 512, 2))]
 
 
+def torch_models() -> list[tuple[str, onnx.ModelProto, dict, dict]]:
+    import io
+
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, pre: bool) -> None:
+            super().__init__()
+            self.pre, self.ln1, self.ln2 = pre, nn.LayerNorm(32), nn.LayerNorm(32)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.ff = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+        def forward(self, x):
+            if self.pre:
+                y = self.ln1(x)
+                x = x + self.attn(y, y, y, need_weights=False)[0]
+                return x + self.ff(self.ln2(x))
+            x = self.ln1(x + self.attn(x, x, x, need_weights=False)[0])
+            return self.ln2(x + self.ff(x))
+
+    class Net(nn.Module):
+        def __init__(self, pre: bool) -> None:
+            super().__init__()
+            self.pre, self.embed = pre, nn.Linear(16, 32)
+            self.pos = nn.Parameter(torch.randn(1, 8, 32) * 0.3)
+            self.blocks, self.ln, self.head = nn.Sequential(Block(pre), Block(pre)), nn.LayerNorm(32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.embed(x) + self.pos
+            x = self.blocks(x if self.pre else self.ln(x))
+            return self.head((self.ln(x) if self.pre else x).mean(1))
+
+    draw = lambda n, seed: {"input": np.random.default_rng(seed).standard_normal((n, 8, 16)).astype(np.float32)}
+    found = []
+    for pre in (True, False):
+        torch.manual_seed(0)
+        net = Net(pre).eval()
+        for m in net.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.normal_(m.weight, 1.0, 0.3)
+                nn.init.normal_(m.bias, 0.0, 0.2)
+        for opset in (14, 17):
+            buffer = io.BytesIO()
+            torch.onnx.export(net, torch.randn(2, 8, 16), buffer, opset_version=opset, dynamo=False,
+                              input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}})
+            found.append((f"torch MHA {'pre' if pre else 'post'}-LN, opset {opset}",
+                          onnx.load_from_string(buffer.getvalue()), draw(128, 1), draw(512, 2)))
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", default="0.1,0.25,0.4")
+    parser.add_argument("--torch", action="store_true", help="also torch exports (needs torch)")
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
     print("| model | layout | --hidden | width | recover | MACs kept | params kept | cosine | top-1 agree | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, proto, calib, test in models():
+    for name, proto, calib, test in models() + (torch_models() if args.torch else []):
         expected = run(proto, test)
         for fraction in fractions:
             for method in ("none", "lsq"):
@@ -58,13 +114,15 @@ def main() -> None:
                 copy.CopyFrom(proto)
                 model = from_proto(copy)
                 start = time.perf_counter()
-                report = prune_model(model, PruneOptions(hidden=fraction, recover=method), batches=[calib])
+                options = PruneOptions(hidden=fraction, recover=method, input_shapes={proto.graph.input[0].name: [
+                    1, *calib[proto.graph.input[0].name].shape[1:]]})
+                report = prune_model(model, options, batches=[calib])
                 seconds = time.perf_counter() - start
                 got = run(model.proto, test)
                 h, b, a = report.hidden, report.before, report.after
                 agree = 100 * float(np.mean(got.argmax(1) == expected.argmax(1)))
                 print(f"| {name} | {h.layout} | {fraction} | {h.before} -> {h.after} | {method} | "
-                      f"{a.macs / b.macs:.3f} | {a.params / b.params:.3f} | {cosine(expected, got):.4f} | "
+                      f"{f'{a.macs / b.macs:.3f}' if a.macs and b.macs else '?'} | {a.params / b.params:.3f} | {cosine(expected, got):.4f} | "
                       f"{agree:.1f}% | {seconds:.1f} |")
 
 
