@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxprune.graph.index import GraphIndex, attr, node_label, without_weights
+from onnxprune.graph.index import GraphIndex, attr, node_label
 from onnxprune.prune.hidden.norms import Norm, Refused, find_norms
+from onnxprune.prune.hidden.shapes import settle_shapes, stand_in_shapes
 
 FUSED = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization")
 # readers see through these when they leave the last axis where it is
@@ -75,28 +76,11 @@ def find_stream(index: GraphIndex) -> Stream | str:
         return str(reason)
 
 
-def _stand_in_shapes(index: GraphIndex) -> dict[str, list]:
-    """Shapes onnx cannot infer past onnxruntime's SimplifiedLayerNormalization (an op onnx does not know): inferred
-    on a weight-free copy in which it stands in as LayerNormalization, which gives the same output shape."""
-    light = without_weights(index.model.proto)
-    stand_ins = [node for node in light.graph.node if node.op_type == "SimplifiedLayerNormalization"]
-    if not stand_ins:
-        return {}
-    for node in stand_ins:
-        node.op_type, node.domain = "LayerNormalization", ""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:  # best effort, as for the index's own inference
-        return {}
-    return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-            for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")}
-
-
 class _Walk:
     def __init__(self, index: GraphIndex) -> None:
         self.index = index
         self.seen: set[str] = set()
-        self.stand_in = _stand_in_shapes(index)
+        self.stand_in = stand_in_shapes(index)
 
     def rank(self, t: str) -> int | None:
         shape = self.index.shape(t) or self.stand_in.get(t)
@@ -130,7 +114,7 @@ class _Walk:
                     self.track(t)
             self.written(n)
             self.read(n, n.y)
-        self.settle_shapes()
+        self.s.shapes = settle_shapes(index, self.s.shapes, self.seen, self.rank)
         return self.s
 
     def no_norm_reason(self) -> str:
@@ -333,49 +317,3 @@ class _Walk:
             raise Refused(f"{node_label(op)} takes part of the stream's shape")
         if all(op is not s for s in self.s.shapes):
             self.s.shapes.append(op)
-
-    def settle_shapes(self) -> None:
-        """Keep, among the Shape nodes on the stream, those that must go on reporting the full width: a shape that
-        only sizes Reshapes *of the stream* must follow the new width (it stays as it is); one that sizes anything
-        else (an attention output's own width, say) keeps the old one. Both at once cannot be served."""
-        keep = []
-        for shape in self.s.shapes:
-            targets, visited = [], set()
-            todo = [o for use in self.index.consumers_of(shape.output[0]) if self.picks_width(shape, use.node)
-                    for o in use.node.output]
-            if shape.output[0] in self.index.graph_outputs or any(
-                    u.node.op_type == "Reshape" for u in self.index.consumers_of(shape.output[0])):
-                todo.append(shape.output[0])
-            if not todo:
-                continue  # only the other dims are used
-            while todo:
-                t = todo.pop()
-                for use in self.index.consumers_of(t):
-                    if use.node.op_type == "Reshape" and use.index == 1:
-                        targets.append(use.node.input[0] in self.seen)
-                    elif id(use.node) not in visited:
-                        visited.add(id(use.node))
-                        todo += [o for o in use.node.output if o]
-            if targets and all(targets):
-                continue
-            if any(targets):
-                raise Refused(f"{node_label(shape)} sizes both a Reshape of the stream and another tensor")
-            keep.append(shape)
-        self.s.shapes = keep
-
-    def picks_width(self, shape: onnx.NodeProto, op: onnx.NodeProto) -> bool:
-        """Whether ``op``, reading ``shape``'s output, may take the last dim (the width): a Gather or Slice with
-        constant positions that leave it out does not."""
-        rank = self.rank(shape.input[0])
-        index = self.index
-        if rank is None or op.op_type not in ("Gather", "Slice") or op.input[0] != shape.output[0]:
-            return True
-        if op.op_type == "Gather":
-            if not index.is_constant(op.input[1]):
-                return True
-            return rank - 1 in {int(i) % rank for i in np.ravel(index.const_value(op.input[1]))}
-        bounds = [index.const_value(n) if n and index.is_constant(n) else None for n in op.input[1:]]
-        if len(bounds) < 2 or bounds[0] is None or bounds[1] is None or any(b is None for b in bounds[2:]):
-            return True
-        step = int(bounds[3][0]) if len(bounds) > 3 else 1
-        return rank - 1 in list(range(rank))[slice(int(bounds[0][0]), int(bounds[1][0]), step)]
