@@ -184,18 +184,28 @@ def test_cli_transformer_with_channels_and_json(tmp_path, model_copy, capsys):
     assert cosine(run(onnx.load(path), test)[0], run(onnx.load(out), test)[0]) > 0.8
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    ([], "needs calibration data (--calib)"),
-    (["--calib", "CALIB", "--steps", "2", "--channels", "0.2"], "--steps"),
+@pytest.mark.parametrize("name, extra, fragment", [
+    ("transformer.onnx", [], "needs calibration data (--calib)"),
+    ("transformer.onnx", ["--calib", "CALIB", "--steps", "2", "--channels", "0.2"], "--steps"),
+    ("resnet_dynamo.onnx", ["--calib", "CALIB"], "external data"),
 ])
-def test_cli_refuses_what_cannot_work(tmp_path, model_copy, capsys, extra, fragment):
-    path = model_copy("transformer.onnx")
+def test_cli_refuses_what_cannot_work(tmp_path, model_copy, capsys, name, extra, fragment):
+    path = model_copy(name)
     np.savez(tmp_path / "calib.npz", **_transformer_feeds(8, 1))
     extra = [str(tmp_path / "calib.npz") if e == "CALIB" else e for e in extra]
     code, _, err = run_main([path, "--hidden", "0.25", *extra], capsys)
     assert code == 2
     assert_one_error(err, fragment)
-    assert not (tmp_path / "transformer.pruned.onnx").exists()
+    assert not (tmp_path / path.name.replace(".onnx", ".pruned.onnx")).exists()
+
+
+def test_shapes_keep_the_full_width_only_where_it_sizes_something_else():
+    """transformer.onnx sizes its attention output by the norm output's last dim: that Shape must keep reporting 32.
+    The torch-MHA-style encoder reshapes its projection rows back by their own shape: that one must follow."""
+    kept = find_stream(GraphIndex(from_proto(_transformer()))).shapes
+    assert [s.name for s in kept] == ["/layers/layers.0/attn/Shape_2", "/layers/layers.1/attn/Shape_2"]
+    stream = find_stream(GraphIndex(from_proto(encoder(False, "layer", gemm_style=True))))
+    assert stream.shapes == [] and len(stream.reshapes) == 2
 
 
 def test_cli_refuses_a_model_without_a_stream(tmp_path, model_copy, capsys):
