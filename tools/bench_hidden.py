@@ -11,7 +11,7 @@ temporary folder). None has a task, so the table compares the pruned model's 10 
 held-out random inputs (512 samples; calibration: 128 other random samples): mean cosine similarity and top-1
 agreement.
 
-    python tools/bench_hidden.py [--fractions 0.1,0.25,0.4] [--torch]
+    python tools/bench_hidden.py [--fractions 0.1,0.25,0.4] [--channels 0.3] [--torch]
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ def torch_models() -> list[tuple[str, onnx.ModelProto, dict, dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", default="0.1,0.25,0.4")
+    parser.add_argument("--channels", type=float, default=None,
+                        help="also remove this fraction of the FFN channels (--channels, --round-to 1)")
     parser.add_argument("--torch", action="store_true", help="also torch exports (needs torch)")
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -108,22 +110,23 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, proto, calib, test in models() + (torch_models() if args.torch else []):
         expected = run(proto, test)
+        source = proto.graph.input[0].name
         for fraction in fractions:
             for method in ("none", "lsq"):
                 copy = onnx.ModelProto()
                 copy.CopyFrom(proto)
                 model = from_proto(copy)
                 start = time.perf_counter()
-                options = PruneOptions(hidden=fraction, recover=method, input_shapes={proto.graph.input[0].name: [
-                    1, *calib[proto.graph.input[0].name].shape[1:]]})
+                options = PruneOptions(hidden=fraction, recover=method, channels=args.channels, round_to=1,
+                                       input_shapes={source: [1, *calib[source].shape[1:]]})
                 report = prune_model(model, options, batches=[calib])
                 seconds = time.perf_counter() - start
                 got = run(model.proto, test)
                 h, b, a = report.hidden, report.before, report.after
                 agree = 100 * float(np.mean(got.argmax(1) == expected.argmax(1)))
-                print(f"| {name} | {h.layout} | {fraction} | {h.before} -> {h.after} | {method} | "
-                      f"{f'{a.macs / b.macs:.3f}' if a.macs and b.macs else '?'} | {a.params / b.params:.3f} | {cosine(expected, got):.4f} | "
-                      f"{agree:.1f}% | {seconds:.1f} |")
+                macs = f"{a.macs / b.macs:.3f}" if a.macs and b.macs else "?"
+                print(f"| {name} | {h.layout} | {fraction} | {h.before} -> {h.after} | {method} | {macs} | "
+                      f"{a.params / b.params:.3f} | {cosine(expected, got):.4f} | {agree:.1f}% | {seconds:.1f} |")
 
 
 if __name__ == "__main__":
