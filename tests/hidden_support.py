@@ -99,16 +99,16 @@ class _Builder:
     def ffn(self, x: str, width: int, hidden: int) -> str:
         if self.gemm_style:  # on [B*S, D] rows: a Reshape with a constant target ending in the width reads the stream
             rows = self.op("Reshape", [x, self.const(np.array([-1, width], np.int64), "rows")])
-            up = self.gemm(rows, width, hidden, "fc1")
+            up = self.gemm(rows, width, hidden, "fc1", alpha=0.5, beta=2.0)  # a reader with alpha and beta
             down = self.gemm(self.op("Mul", [up, self.op("Sigmoid", [up])]), hidden, width, "fc2")
             return self.op("Reshape", [down, self.op("Shape", [x])])
         up = self.linear(x, width, hidden, "fc1")
         return self.linear(self.op("Mul", [up, self.op("Sigmoid", [up])]), hidden, width, "fc2")
 
-    def gemm(self, x: str, n_in: int, n_out: int, base: str) -> str:
+    def gemm(self, x: str, n_in: int, n_out: int, base: str, alpha: float = 1.0, beta: float = 1.0) -> str:
         return self.op("Gemm", [x, self.weight((n_out, n_in), f"{base}_w", np.sqrt(n_out / n_in)),
                                 self.const((0.1 * self.rng.standard_normal(n_out)).astype(np.float32), f"{base}_b")],
-                       transB=1)
+                       transB=1, alpha=alpha, beta=beta)
 
     def dim(self, x: str, axis: int) -> str:
         return self.op("Gather", [self.op("Shape", [x]), self.const(np.array([axis], np.int64), "axis")], axis=0)

@@ -72,7 +72,7 @@ def _reader(edit: "_Edit", r: Reader, basis: np.ndarray, fold: bool) -> None:
     if fold:
         beta = r.norm.beta(edit.index)
         if beta is not None:
-            shift = beta @ weight
+            shift = beta @ weight * r.shift_scale
         weight = r.norm.gamma(edit.index, len(weight))[:, None] * weight
     edit.set(r.node, r.slot, np.moveaxis(basis.T @ weight, 0, r.axis))
     if shift is None or not np.any(shift):

@@ -49,6 +49,7 @@ class Reader:
     axis: int
     bias: tuple[onnx.NodeProto, int] | None
     tensor: str
+    shift_scale: float = 1.0  # a Gemm's alpha / beta: what a shift of its input adds to C
 
 
 @dataclass
@@ -214,7 +215,10 @@ class _Walk:
             elif op.op_type == "Gemm" and use.index == 0 and not attr(op, "transA", 0) and self.weight(op.input[1]):
                 if len(op.input) > 2 and op.input[2] and not index.is_constant(op.input[2]):
                     raise Refused(f"{node_label(op)}: its C input is computed")
-                self.s.readers.append(Reader(n, op, 1, 1 if attr(op, "transB", 0) else 0, (op, 2), t))
+                alpha, beta = float(attr(op, "alpha", 1.0)), float(attr(op, "beta", 1.0))
+                if beta == 0:
+                    raise Refused(f"{node_label(op)}: beta = 0 leaves no bias to take the norm's shift")
+                self.s.readers.append(Reader(n, op, 1, 1 if attr(op, "transB", 0) else 0, (op, 2), t, alpha / beta))
             elif op.op_type in ALONG_OTHER_AXES and use.index == 0 and self.along_other_axes(op, t):
                 self.read(n, op.output[0])
             elif op.op_type == "Shape":
