@@ -17,8 +17,8 @@ NORM_KINDS = ("layer", "simplified", "rms23", "decomposed", "decomposed-rms")
 
 
 class _Builder:
-    def __init__(self, seed: int, opset: int, gemm_style: bool = False) -> None:
-        self.gemm_style = gemm_style
+    def __init__(self, seed: int, opset: int, gemm_style: bool = False, fused_gelu: bool = False) -> None:
+        self.gemm_style, self.fused_gelu = gemm_style, fused_gelu
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -102,6 +102,10 @@ class _Builder:
             up = self.gemm(rows, width, hidden, "fc1", alpha=0.5, beta=2.0)  # a reader with alpha and beta
             down = self.gemm(self.op("Mul", [up, self.op("Sigmoid", [up])]), hidden, width, "fc2")
             return self.op("Reshape", [down, self.op("Shape", [x])])
+        if self.fused_gelu:  # onnxruntime's contrib op: onnx's shape inference stops there
+            up = self.op("MatMul", [x, self.weight((width, hidden), "fc1_w")])
+            bias = self.const((0.1 * self.rng.standard_normal(hidden)).astype(np.float32), "fc1_b")
+            return self.linear(self.op("BiasGelu", [up, bias], domain="com.microsoft"), hidden, width, "fc2")
         up = self.linear(x, width, hidden, "fc1")
         return self.linear(self.op("Mul", [up, self.op("Sigmoid", [up])]), hidden, width, "fc2")
 
@@ -121,13 +125,15 @@ class _Builder:
 
 def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: int = 32, heads: int = 4,
             ffn: int = 64, seq: int = 8, features: int = 16, classes: int = 10, seed: int = 0,
-            sequence_output: bool = False, tokens: int = 0, gemm_style: bool = False) -> onnx.ModelProto:
+            sequence_output: bool = False, tokens: int = 0, gemm_style: bool = False,
+            fused_gelu: bool = False) -> onnx.ModelProto:
     """A small encoder (see the module docstring); ``sequence_output``: the final normalised sequence is a graph
     output too (it must keep its width); ``tokens``: the input is int64 token ids embedded by a Gather from a table
     of this many rows (BERT's word embedding) instead of float features and a MatMul; ``gemm_style``: the attention
-    output and the FFN work on [B*S, D] rows through Gemm, as torch's nn.MultiheadAttention exports them."""
+    output and the FFN work on [B*S, D] rows through Gemm, as torch's nn.MultiheadAttention exports them;
+    ``fused_gelu``: the FFN's bias and GELU are onnxruntime's com.microsoft BiasGelu, as its optimizer writes them."""
     opset = 23 if norm == "rms23" else 17
-    b = _Builder(seed, opset, gemm_style)
+    b = _Builder(seed, opset, gemm_style, fused_gelu)
     # a stream with a few strong directions: the embedding writes mostly into a low-dimensional subspace
     mixing = b.rng.standard_normal((features, width)) * np.linspace(3.0, 0.2, width) / np.sqrt(features)
     if tokens:
@@ -158,7 +164,7 @@ def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: 
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, features])
     graph = helper.make_graph(b.nodes, "encoder", [source], outputs, b.inits)
     imports = [helper.make_opsetid("", opset)]
-    if norm == "simplified":  # onnxruntime's contrib op in the ONNX domain: the input check then lets ORT judge it
+    if norm == "simplified" or fused_gelu:  # contrib ops: with com.microsoft imported, the input check lets ORT judge
         imports.append(helper.make_opsetid("com.microsoft", 1))
     model = helper.make_model(graph, opset_imports=imports, producer_name="tests/hidden_support.py")
     model.ir_version = 10 if opset >= 21 else 8

@@ -60,6 +60,8 @@ CASES += [pytest.param(lambda post=post: encoder(post, "layer", tokens=50), id=f
           for post in (False, True)]
 CASES += [pytest.param(lambda post=post: encoder(post, "decomposed", gemm_style=True),
                        id=f"{'post' if post else 'pre'}-gemm-rows") for post in (False, True)]
+CASES += [pytest.param(lambda post=post: encoder(post, "layer", fused_gelu=True),
+                       id=f"{'post' if post else 'pre'}-biasgelu") for post in (False, True)]
 
 
 def _feeds(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:

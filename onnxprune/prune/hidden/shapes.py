@@ -18,15 +18,22 @@ from onnxprune.graph.index import GraphIndex, node_label, without_weights
 from onnxprune.prune.hidden.norms import Refused
 
 
+# onnxruntime contrib ops (unknown to onnx's shape inference) whose first output has the first input's shape
+SAME_SHAPE = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization",
+              "BiasGelu", "FastGelu", "Gelu", "QuickGelu")
+
+
 def stand_in_shapes(index: GraphIndex) -> dict[str, list]:
-    """Shapes onnx cannot infer past onnxruntime's SimplifiedLayerNormalization (an op onnx does not know): inferred
-    on a weight-free copy in which it stands in as LayerNormalization, which gives the same output shape."""
+    """Shapes onnx cannot infer past onnxruntime's contrib ops that keep their input's shape (SimplifiedLayer-
+    Normalization, BiasGelu, ...): inferred on a weight-free copy in which each stands in as an Identity."""
     light = without_weights(index.model.proto)
-    stand_ins = [node for node in light.graph.node if node.op_type == "SimplifiedLayerNormalization"]
+    stand_ins = [node for node in light.graph.node if node.op_type in SAME_SHAPE and node.domain not in ("", "ai.onnx")
+                 or node.op_type == "SimplifiedLayerNormalization"]
     if not stand_ins:
         return {}
     for node in stand_ins:
-        node.op_type, node.domain = "LayerNormalization", ""
+        node.op_type, node.domain = "Identity", ""
+        del node.input[1:], node.output[1:], node.attribute[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(light)
     except Exception:  # best effort, as for the index's own inference
