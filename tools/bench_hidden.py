@@ -6,8 +6,8 @@ tests/hidden_support.py (2 layers, width 32, 4 heads, FFN 64, random weights who
 directions), pre-LN and post-LN (BERT-style: a norm after the embedding and after every residual Add). With
 ``--torch``, also a 2-layer encoder written with torch's nn.MultiheadAttention and nn.LayerNorm (width 32, 4 heads,
 FFN 64, GELU, random weights, LayerNorm scale ~ N(1, 0.3) and shift ~ N(0, 0.2)), pre- and post-LN, exported by
-torch.onnx.export(dynamo=False) at opset 14 (LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div) and 17 (into a
-temporary folder). None has a task, so the table compares the pruned model's 10 outputs with the original's on
+torch.onnx.export(dynamo=False) at opset 14 (LayerNorm decomposed into ReduceMean/Sub/Pow/Sqrt/Div) and 17, and the
+opset-17 export after onnxruntime's transformer optimizer (model_type bert, opt_level 0: BiasGelu, FusedMatMul). None has a task, so the table compares the pruned model's 10 outputs with the original's on
 held-out random inputs (512 samples; calibration: 128 other random samples): mean cosine similarity and top-1
 agreement.
 
@@ -93,9 +93,26 @@ def torch_models() -> list[tuple[str, onnx.ModelProto, dict, dict]]:
             buffer = io.BytesIO()
             torch.onnx.export(net, torch.randn(2, 8, 16), buffer, opset_version=opset, dynamo=False,
                               input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}})
-            found.append((f"torch MHA {'pre' if pre else 'post'}-LN, opset {opset}",
-                          onnx.load_from_string(buffer.getvalue()), draw(128, 1), draw(512, 2)))
+            exported = onnx.load_from_string(buffer.getvalue())
+            found.append((f"torch MHA {'pre' if pre else 'post'}-LN, opset {opset}", exported, draw(128, 1),
+                          draw(512, 2)))
+        found.append((f"torch MHA {'pre' if pre else 'post'}-LN, opset 17, ORT-fused", fused(exported), draw(128, 1),
+                      draw(512, 2)))
     return found
+
+
+def fused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's transformer optimizer (model_type bert, opt_level 0), as issue 14 asks the tool to handle."""
+    import tempfile
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save(model, path)
+        optimized = optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32, opt_level=0)
+        optimized.save_model_to_file(str(path))  # adds the com.microsoft opset import its contrib ops need
+        return onnx.load(path)
 
 
 def main() -> None:

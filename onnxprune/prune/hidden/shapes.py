@@ -25,15 +25,24 @@ SAME_SHAPE = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"
 
 def stand_in_shapes(index: GraphIndex) -> dict[str, list]:
     """Shapes onnx cannot infer past onnxruntime's contrib ops that keep their input's shape (SimplifiedLayer-
-    Normalization, BiasGelu, ...): inferred on a weight-free copy in which each stands in as an Identity."""
+    Normalization, BiasGelu, ...) or are a plain MatMul (FusedMatMul without transposes): inferred on a weight-free
+    copy in which each stands in as an Identity or a MatMul."""
     light = without_weights(index.model.proto)
-    stand_ins = [node for node in light.graph.node if node.op_type in SAME_SHAPE and node.domain not in ("", "ai.onnx")
-                 or node.op_type == "SimplifiedLayerNormalization"]
+    contrib = [node for node in light.graph.node if node.domain not in ("", "ai.onnx")
+               or node.op_type == "SimplifiedLayerNormalization"]
+    stand_ins = 0
+    for node in contrib:
+        if node.op_type in SAME_SHAPE:
+            node.op_type, node.domain = "Identity", ""
+            del node.input[1:], node.output[1:], node.attribute[:]
+        elif node.op_type == "FusedMatMul" and not any(a.i for a in node.attribute if a.name.startswith("trans")):
+            node.op_type, node.domain = "MatMul", ""  # alpha * A B: the shape of A B
+            del node.attribute[:]
+        else:
+            continue
+        stand_ins += 1
     if not stand_ins:
         return {}
-    for node in stand_ins:
-        node.op_type, node.domain = "Identity", ""
-        del node.input[1:], node.output[1:], node.attribute[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(light)
     except Exception:  # best effort, as for the index's own inference
