@@ -9,7 +9,8 @@ For a [d, k] ``basis`` B (orthonormal columns: the first k principal directions,
   (``W -> B^T diag(g) W``, bias ``+= b W``);
 * without ``fold`` (post-LN): each norm keeps its op, with ``g B`` and ``b B``, and readers get ``B^T W``;
 * a graph output on the normalised stream is projected back to d channels (``B^T`` with g and b);
-* Shape nodes reading the stream report the full width (attention reshapes use it for their own width).
+* Shape nodes whose last dim sizes something other than the stream keep reporting the full width (shapes.py);
+  constant Reshape targets on the stream get the new width.
 
 With B = Q square (no slicing) the result computes what the model computes, up to float rounding: the exactness
 oracle in tests/test_hidden.py, and the reference the pass gives recovery. Edits write new initializers and rewire

@@ -5,9 +5,10 @@ Pre-LN (GPT, ViT, most recent encoders): each block reads the stream through a n
 ``x + f(norm(x))``; a final norm feeds the head. Post-LN (BERT): the norm follows the residual Add,
 ``norm(x + f(x))``, so between blocks the stream *is* a norm's output. The stream is written only by sums of
 constants and of MatMul/Gemm/Gather outputs with constant weights (embeddings, position tables, output projections),
-and read only by MatMul/Gemm with constant weights, possibly through ops that work along other axes (ReduceMean over
-the sequence, Gather of the CLS token, Slice). Anything else on the stream is refused with the reason: a failed
-match returns a reason instead of raising (the pass turns it into exit 2).
+and read only by MatMul/Gemm with constant weights; on both sides ops that leave the hidden axis last and whole are
+seen through (Transpose, Reshape of the other axes as torch's nn.MultiheadAttention writes them, ReduceMean over the
+sequence, Gather of the CLS token, Slice). The norms themselves are found by norms.py. Anything else on the stream is
+refused with the reason: a failed match returns a reason instead of raising (the pass turns it into exit 2).
 """
 
 from __future__ import annotations
