@@ -21,6 +21,7 @@ from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.io import from_proto
 from onnxprune.pipeline import PruneOptions, prune_model
 from onnxprune.prune.hidden.apply import slice_stream
+from onnxprune.prune.hidden.basis import selection
 from onnxprune.prune.hidden.plan import plan_hidden
 from onnxprune.prune.hidden.stream import find_stream
 from onnxprune.prune.verify import relative_difference, run
@@ -117,6 +118,19 @@ def test_pca_slicing_loses_less_than_slicing_a_random_rotation():
     chance, _ = _rewrite(model, 0.4, batches, basis=lambda p: random_q[:, :keep])
     assert cosine(expected, run(pca, test)[0]) > cosine(expected, run(chance, test)[0])
     assert 0.5 < plan.variance_kept < 1.0
+
+
+def test_post_ln_score_keeps_better_channels_than_chance():
+    model = encoder(True, "layer")
+    batches = [calibration(model, 64, 1)]
+    test = calibration(model, 128, 2)
+    expected = run(model, test)[0]
+    scored, plan = _rewrite(model, 0.25, batches)
+    keep = plan.sliced.shape[1]
+    draws = [_rewrite(model, 0.25, batches, basis=lambda p, seed=seed: selection(
+        32, np.random.default_rng(seed).permutation(32)[:keep]))[0] for seed in range(3)]
+    chance = np.mean([cosine(expected, run(d, test)[0]) for d in draws])
+    assert cosine(expected, run(scored, test)[0]) > chance + 0.05
 
 
 def test_post_ln_recovery_brings_held_out_outputs_closer():
