@@ -12,6 +12,7 @@ held-out random inputs (512 samples; calibration: 128 other random samples): mea
 agreement.
 
     python tools/bench_hidden.py [--fractions 0.1,0.25,0.4] [--channels 0.3] [--torch]
+    python tools/bench_hidden.py --per-position    # variance kept: one shared Q against one Q per position
 """
 
 from __future__ import annotations
@@ -115,13 +116,44 @@ def fused(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(path)
 
 
+def variance_kept(proto: onnx.ModelProto, calib: dict, fraction: float) -> None:
+    """Why one shared Q: at each stream position, the share of the normalised stream's variance the kept directions
+    hold, with the shared basis and with that position's own principal basis (what one Q per block would keep)."""
+    from onnxprune.data.probe import Probe
+    from onnxprune.graph.index import GraphIndex
+    from onnxprune.prune.hidden.basis import StreamCovariance, keep_count, principal_basis
+    from onnxprune.prune.hidden.stream import find_stream
+
+    stream = find_stream(GraphIndex(from_proto(proto)))
+    grams = []
+    for n in stream.norms:
+        covariance = StreamCovariance(stream.width, not stream.rms, n.epsilon)
+        for (values,) in Probe(proto, [n.x], [calib]).iterate([n.x]):
+            covariance.add(values)
+        grams.append(covariance.gram)
+    keep = keep_count(stream.width, fraction)
+    shared = principal_basis(sum(grams))[0][:, :keep]
+    print(f"\nvariance kept at each norm's input, --hidden {fraction} ({stream.width} -> {keep}): shared Q / own Q")
+    for n, gram in zip(stream.norms, grams):
+        own = principal_basis(gram)[1]
+        print(f"  {n.label}: {np.trace(shared.T @ gram @ shared) / np.trace(gram):.4f} / "
+              f"{own[:keep].sum() / own.sum():.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", default="0.1,0.25,0.4")
     parser.add_argument("--channels", type=float, default=None,
                         help="also remove this fraction of the FFN channels (--channels, --round-to 1)")
     parser.add_argument("--torch", action="store_true", help="also torch exports (needs torch)")
+    parser.add_argument("--per-position", action="store_true",
+                        help="instead: variance kept per stream position, shared Q against one Q per position")
     args = parser.parse_args()
+    if args.per_position:
+        for name, proto, calib, _ in models()[:2]:
+            print(name, end="")
+            variance_kept(proto, calib, 0.25)
+        return
     fractions = [float(f) for f in args.fractions.split(",")]
     print("| model | layout | --hidden | width | recover | MACs kept | params kept | cosine | top-1 agree | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
