@@ -11,6 +11,7 @@ from pathlib import Path
 from onnxprune.channels.attention import AttentionBlock, FeedForward
 from onnxprune.errors import OutputError
 from onnxprune.formatting import human, table as _table
+from onnxprune.passes.state import HiddenRow
 from onnxprune.pipeline import PruneReport
 from onnxprune.graph.stats import ModelStats
 from onnxprune.quantize import QuantizationResult
@@ -59,6 +60,7 @@ def prune_dict(report: PruneReport) -> dict:
         "input": report.input, "output": report.output, "output_size": report.output_size,
         "before": stats_dict(report.before), "after": stats_dict(report.after), "round_to": report.round_to,
         "groups": [vars(g) for g in report.groups], "notes": report.notes,
+        "hidden": None if report.hidden is None else vars(report.hidden),
         "recovery": None if report.recovery is None else {
             "method": report.recovery.method, "seconds": report.recovery.seconds, "kept": report.recovery.kept,
             "output_error_before": report.recovery.output_error_before,
@@ -108,6 +110,8 @@ def render_prune(report: PruneReport) -> str:
         if u.params:
             parts.append(f"weights: {100 * u.zeros_before / u.params:.1f}% -> {100 * u.zeros_after / u.params:.1f}% "
                          f"zero over {human(u.params)} parameters")
+    if report.hidden is not None:
+        parts.append(_render_hidden(report.hidden))
     if report.recovery is not None and report.recovery.method != "none" \
             and report.recovery.output_error_before is not None:  # else skipped; the notes say why
         r = report.recovery
@@ -128,6 +132,13 @@ def render_prune(report: PruneReport) -> str:
     parts += [f"note: {n}" for n in report.notes]
     parts.append(f"wrote {report.output}")
     return "\n".join(parts)
+
+
+def _render_hidden(row: HiddenRow) -> str:
+    share = "" if row.variance_kept is None else f"; {100 * row.variance_kept:.1f}% of the stream's variance kept"
+    return (f"hidden width {row.before} -> {row.after} ({row.treatment}); {row.norms} norms, {row.writers} writer "
+            f"constants, {row.readers} readers{share}; the rewrite without slicing reproduces the original (max "
+            f"relative difference {row.reference_difference:.2g} on the first calibration batch)")
 
 
 def _render_quantization(q: QuantizationResult) -> str:

@@ -39,6 +39,9 @@ class RoundToType(click.ParamType):
 @click.option("-o", "--output", type=click.Path(readable=False),
               help="Output file (default: <stem>.pruned.onnx beside the input).")
 @click.option("--channels", type=RATIO, help="Remove this fraction of channels from every group (structured).")
+@click.option("--hidden", type=RATIO, help="Remove this fraction of a transformer's hidden (residual-stream) width: "
+              "exact PCA rotation then slicing for pre-LN models, scored channels and lsq repair for post-LN; "
+              "needs --calib.")
 @click.option("--sparsity", type=RATIO, help="Zero this fraction of weights (unstructured; after --channels).")
 @click.option("--pattern", type=PATTERN,
               help="N:M sparsity, e.g. 2:4: keep N of every M weights along the reduction axis.")
@@ -80,7 +83,7 @@ class RoundToType(click.ParamType):
 @json_option
 @validate_options
 @debug_option
-def prune_command(model: str, output: str | None, channels: float | None, sparsity: float | None,
+def prune_command(model: str, output: str | None, channels: float | None, hidden: float | None, sparsity: float | None,
                   pattern: tuple[int, int] | None, scope: str, criterion: str, reduction: str,
                   round_to: int | None, attention_units: str, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
@@ -88,8 +91,8 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                   verify: bool, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, validation: ValidateOptions) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
-    if channels is None and sparsity is None and pattern is None:
-        raise ConfigError("nothing to do: give --channels, --sparsity or --pattern")
+    if channels is None and hidden is None and sparsity is None and pattern is None:
+        raise ConfigError("nothing to do: give --channels, --hidden, --sparsity or --pattern")
     if pattern and sparsity is not None:
         raise ConfigError("--pattern sets the sparsity itself; do not combine it with --sparsity")
     out = Path(output) if output else default_output_path(Path(model))
@@ -102,7 +105,7 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
                            input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
                            recover=recover_method, verify=verify, steps=steps, quantize=quantize_kind,
-                           quant_method=quant_method,
+                           quant_method=quant_method, hidden=hidden,
                            preprocess=validation.data.preprocess)
     report = prune_file(model, output, options)
     click.echo(render_prune(report))

@@ -241,6 +241,8 @@ class _MatMul(_Product):
     def layer(self, index, node):
         if not index.is_constant(node.input[1]) or index.rank(node.input[1]) != 2:
             return NOT_FITTED
+        if index.rank(node.output[0]) is None:  # e.g. downstream of a contrib op onnx's shape inference cannot pass
+            return "output rank unknown"
         return Layer("MatMul", node.input[1], None, self.output_axis(node, index.rank(node.output[0])),
                      weight_out_axis=self.weight_output_axis(node, 1, 2))
 

@@ -29,7 +29,8 @@ class Calibrate(Pass[PruneState]):
             chosen = [f"{criteria.auto_choice(Target.CHANNELS, True, False)} for channels"] if options.channels else []
             if options.prunes_weights:  # auto adds no note of its own; ZeroWeights asks again
                 chosen.append(f"{weight_criterion(options, state.batches, report, state.too_big).name} for weights")
-            report.notes.append(f"criterion auto with calibration data: {', '.join(chosen)}")
+            if chosen:  # --hidden alone ranks no channels or weights
+                report.notes.append(f"criterion auto with calibration data: {', '.join(chosen)}")
         if state.batches:
             state.original = onnx.ModelProto()
             state.original.CopyFrom(state.model.proto)

@@ -7,6 +7,7 @@ from onnxprune.passes.calibrate import Calibrate
 from onnxprune.passes.channels import BuildGroups, RemoveChannels, SelectChannels
 from onnxprune.passes.finish import Finish
 from onnxprune.passes.fold import FoldConstants
+from onnxprune.passes.hidden import SliceHidden
 from onnxprune.passes.preflight import Preflight
 from onnxprune.passes.prepare import Prepare
 from onnxprune.passes.quantize import Quantize
@@ -17,7 +18,7 @@ from onnxprune.passes.weights import SparseStorage, ZeroWeights
 
 # one round: everything a run without --steps does, in order
 ROUND: tuple[Pass[PruneState], ...] = (
-    Prepare(), FoldConstants(), Calibrate(), BuildGroups(), SelectChannels(), RemoveChannels(), ZeroWeights(),
-    Recover(), Quantize(), SparseStorage(), Finish())
+    Prepare(), FoldConstants(), Calibrate(), BuildGroups(), SelectChannels(), RemoveChannels(), SliceHidden(),
+    ZeroWeights(), Recover(), Quantize(), SparseStorage(), Finish())
 
 PRUNE: tuple[Pass[PruneState], ...] = (Preflight(), Rounds(ROUND))

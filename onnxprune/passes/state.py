@@ -49,6 +49,7 @@ class PruneOptions:
     steps: int = 1  # remove the channels in this many rounds, recovering after each (with --calib)
     quantize: str | None = None  # after recovery: a key of quantize.KINDS (int8 needs --calib)
     quant_method: str = "minmax"  # static int8's activation calibration: a key of quantize.METHODS
+    hidden: float | None = None  # fraction of a transformer's hidden (residual-stream) width to remove (--calib)
 
     @property
     def prunes_weights(self) -> bool:
@@ -70,6 +71,22 @@ class GroupRow:
 
 
 @dataclass
+class HiddenRow:
+    """What ``--hidden`` did: the treatment the architecture got, widths, the stream's parts, and how closely the
+    rewrite without slicing reproduced the original (the exactness check on the first calibration batch)."""
+
+    layout: str  # "pre-LN" or "post-LN"
+    treatment: str
+    before: int
+    after: int
+    norms: int
+    writers: int
+    readers: int
+    variance_kept: float | None  # pre-LN: share of the normalised stream's variance in the kept directions
+    reference_difference: float
+
+
+@dataclass
 class PruneReport:
     input: str
     output: str
@@ -82,6 +99,7 @@ class PruneReport:
     round_to: int | None = None
     recovery: RecoveryResult | None = None
     quantization: QuantizationResult | None = None
+    hidden: HiddenRow | None = None
     structure_changed: bool = False  # False: only weight values changed, so the saved graph needs no re-check
 
 
