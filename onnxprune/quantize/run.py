@@ -19,6 +19,7 @@ from onnxprune.data.loader import Feed
 from onnxprune.errors import ConfigError, OnnxPruneError
 from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.check import sort_nodes
+from onnxprune.quantize.bias import BiasCorrection, correct_biases
 from onnxprune.quantize.kinds import GEMM_SPLIT, KINDS, QuantJob
 from onnxprune.quantize.weights import layer_weights, lost_zeros
 
@@ -40,6 +41,8 @@ class QuantizationResult:
         float_nodes: nodes of the input that still compute in float32 (excluded, or not quantizable by the kind).
         size_before / size_after: serialized model bytes.
         preprocessed: onnxruntime's quant_pre_process ran (it may fail on some models; then it is skipped).
+        bias_correction: static int8 only: the quantization error's per-channel mean folded into the biases, kept
+            when it brought the outputs closer to the float model's on the calibration data.
     """
 
     kind: str
@@ -51,6 +54,7 @@ class QuantizationResult:
     size_before: int = 0
     size_after: int = 0
     preprocessed: bool = False
+    bias_correction: BiasCorrection | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -154,6 +158,14 @@ def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Fee
         chosen.run(QuantJob(source, target, batches, method, tuple(keep_float)))
         result.size_after = target.stat().st_size
         quantized = onnx.load(str(target))
+        if chosen.needs_calibration and batches:
+            result.bias_correction = fix = correct_biases(quantized, onnx.load(str(source)), batches)
+            result.size_after = len(quantized.SerializeToString())
+            if fix.layers:
+                result.notes.append(
+                    f"--quantize {kind}: bias correction of {fix.layers} layers: output error on the calibration data "
+                    f"{fix.error_before:.4g} -> {fix.error_after:.4g}, "
+                    + ("kept" if fix.kept else "not kept (no better than the plain quantized model)"))
     sort_nodes(quantized.graph)  # the float16 converter appends its input casts at the end
     _count_zeros(result, layer_weights(before), layer_weights(quantized))
     result.float_nodes = _float_nodes(before, quantized, kind, keep_float)
