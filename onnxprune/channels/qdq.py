@@ -1,0 +1,75 @@
+"""QuantizeLinear and DequantizeLinear: an already-quantized (QDQ) model is pruned through its quantization pairs.
+
+``y = saturate(round(x / scale) + zero_point)`` and ``x' = (y - zero_point) * scale`` work element by element, so
+every axis of ``x`` is the same axis of ``y``. Per-tensor parameters (one scale) are kept as they are: removing a
+channel changes no other channel's value. Per-channel parameters (a 1-D scale along ``axis``) belong to their
+channel: scale and zero point are sliced with it, so a kept channel keeps exactly its own grid. Blocked quantization
+(``block_size``, opset 21) groups several channels under one scale along the axis and blocks.
+
+A DequantizeLinear of an int8 weight initializer is how a QDQ model spells a layer's weight: the links below carry
+the layer's channel dims to the integer initializer, which is sliced like a float weight would be. Removing a
+channel is exact in the float domain: a removed channel's dequantized weights are what masking sets to zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnxprune.channels.registry import Block, Dim, Link, normalise_axis, register, slot_of
+from onnxprune.graph.index import attr
+
+
+@register("QuantizeLinear", "DequantizeLinear")
+def quantize_linear(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
+    index = ctx.index
+    x, scale, y = node.input[0], node.input[1], node.output[0]
+    zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if int(attr(node, "block_size", 0) or 0):
+        return Block(f"{node.op_type} with block_size shares one scale among several channels")
+    scale_shape, rank = index.shape(scale), index.rank(x)
+    if scale_shape is None or rank is None:
+        return Block(f"{node.op_type}: the shape of its scale or input is unknown")
+    per_tensor = len(scale_shape) == 0 or (len(scale_shape) == 1 and scale_shape[0] == 1)
+    axis = normalise_axis(int(attr(node, "axis", 1)), rank)
+    role, pos = slot_of(node, dim)
+    if role == "in" and pos > 0:  # the scale's or zero point's own axis: the channels of ``axis``
+        if per_tensor or dim.axis != 0:
+            return Block(f"{node.op_type}: its per-tensor scale cannot be sliced")
+        dim = Dim(x, axis)
+    links = [Link(Dim(x, dim.axis), Dim(y, dim.axis))]
+    if not per_tensor and dim.axis == axis:
+        links += [Link(Dim(x, axis), Dim(p, 0)) for p in (scale, zero) if p]
+    return links
+
+
+def dequantized_constant(index, name: str) -> str | None:
+    """The constant a DequantizeLinear turns into ``name`` (a QDQ model's layer weight), or None: rules that need a
+    constant weight (Conv's shape, for instance) accept it, since its channels are sliced like a float weight's."""
+    use = index.producer.get(name)
+    if use is None or use.node.op_type != "DequantizeLinear" or use.node.domain not in ("", "ai.onnx"):
+        return None
+    source = use.node.input[0]
+    return source if index.is_constant(source) and all(index.is_constant(p) for p in use.node.input[1:] if p) else None
+
+
+def dequantizing_use(index, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear that reads constant ``name`` as its data with constant parameters, or None."""
+    for use in index.consumers_of(name):
+        node = use.node
+        if (use.index == 0 and node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
+                and all(index.is_constant(p) for p in node.input[1:] if p)):
+            return node
+    return None
+
+
+def dequantized_value(index, node: onnx.NodeProto) -> np.ndarray:
+    """``(q - zero_point) * scale`` of a DequantizeLinear whose inputs are constants (per tensor or per channel)."""
+    values = np.asarray(index.const_value(node.input[0])).astype(np.float64)
+    scale = np.asarray(index.const_value(node.input[1])).astype(np.float64)
+    zero = (np.asarray(index.const_value(node.input[2])).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+    shape = [1] * values.ndim
+    if scale.size > 1:
+        shape[normalise_axis(int(attr(node, "axis", 1)), values.ndim)] = -1
+    return (values - zero.reshape(shape if scale.size > 1 else ())) * scale.reshape(shape if scale.size > 1 else ())
