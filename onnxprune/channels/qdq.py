@@ -63,13 +63,25 @@ def dequantizing_use(index, name: str) -> onnx.NodeProto | None:
     return None
 
 
+def dequantize(values: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None, axis: int) -> np.ndarray:
+    """``(q - zero) * scale`` in float64, with per-tensor or per-channel (along ``axis``) parameters."""
+    result = np.asarray(values).astype(np.float64)
+    shape = [1] * result.ndim
+    if result.ndim:
+        shape[axis % result.ndim] = -1
+
+    def along(p: np.ndarray) -> np.ndarray:
+        p = np.asarray(p).astype(np.float64)
+        return p.reshape(shape) if p.size > 1 else p.reshape(())
+    if zero is not None:
+        result = result - along(zero)
+    if scale is not None:
+        result = result * along(scale)
+    return result
+
+
 def dequantized_value(index, node: onnx.NodeProto) -> np.ndarray:
-    """``(q - zero_point) * scale`` of a DequantizeLinear whose inputs are constants (per tensor or per channel)."""
-    values = np.asarray(index.const_value(node.input[0])).astype(np.float64)
-    scale = np.asarray(index.const_value(node.input[1])).astype(np.float64)
-    zero = (np.asarray(index.const_value(node.input[2])).astype(np.float64)
-            if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
-    shape = [1] * values.ndim
-    if scale.size > 1:
-        shape[normalise_axis(int(attr(node, "axis", 1)), values.ndim)] = -1
-    return (values - zero.reshape(shape if scale.size > 1 else ())) * scale.reshape(shape if scale.size > 1 else ())
+    """The float weight a DequantizeLinear with constant inputs computes (per tensor or per channel)."""
+    zero = index.const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return dequantize(index.const_value(node.input[0]), index.const_value(node.input[1]), zero,
+                      int(attr(node, "axis", 1)))
