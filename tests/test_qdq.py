@@ -116,23 +116,55 @@ def test_channels_are_scored_on_the_dequantized_weights(tmp_path):
     assert any(after < 64 for _, after in kept[0])
 
 
-def test_a_node_without_a_rule_freezes_its_group_by_name():
-    """MatMulNBits packs 4-bit weights of several input rows per byte: no rule, so its group is kept, naming it."""
+def _nbits_model(exclude: list[str]) -> onnx.ModelProto:
+    """x -> [MatMul mm0 (64 -> 48) + MatMul mm1 (64 -> 48)] -> Relu -> MatMul mm2 (48 -> 10), the MatMuls not in
+    ``exclude`` turned into 4-bit MatMulNBits (block 32, with zero points) by onnxruntime's own quantizer."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     rng = np.random.default_rng(0)
-    k, n, block = 32, 16, 32
-    weights = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
-               numpy_helper.from_array(rng.integers(0, 255, (n, 1, block // 2), dtype=np.uint8), "packed"),
-               numpy_helper.from_array(np.full(n, 0.1, np.float32), "scales"),
-               numpy_helper.from_array(np.array([1, 8 * 4 * 4], np.int64), "shape")]
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], "conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Reshape", ["c", "shape"], ["flat"], "flatten"),
-             helper.make_node("MatMul", ["flat", "proj"], ["h"], "proj_mm"),
-             helper.make_node("MatMulNBits", ["h", "packed", "scales"], ["y"], "nbits", domain="com.microsoft",
-                              K=k, N=n, bits=4, block_size=block)]
-    weights.append(numpy_helper.from_array(rng.standard_normal((128, k)).astype(np.float32), "proj"))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])], weights)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    groups = find_groups(from_proto(proto))
-    frozen = [g for g in groups.groups if any("MatMulNBits" in reason for reason in g.blocked)]
-    assert frozen and all("nbits" in " ".join(g.blocked) for g in frozen)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w0", (64, 48)), ("w1", (64, 48)), ("w2", (48, 10)))]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], "mm0"), helper.make_node("MatMul", ["x", "w1"], ["h1"], "mm1"),
+             helper.make_node("Add", ["h0", "h1"], ["h"], "add"), helper.make_node("Relu", ["h"], ["r"], "relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], "mm2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])], weights)
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                                     block_size=32, is_symmetric=False, nodes_to_exclude=exclude)
+    quantizer.process()
+    model = quantizer.model.model
+    # onnx's shape inference does not know com.microsoft ops: the output shape is recorded, as exporters do
+    model.graph.value_info.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 48]) for n in ("h0", "h1"))
+    return model
+
+
+def test_matmul_nbits_output_features_are_removed_row_by_row():
+    """The 4-bit layer's output rows (packed weights, scales, zero points) go with its features when a group reaches
+    them (here through the residual add: MatMulNBits is not a layer of its own in graph/layers.py, so it seeds no
+    group); exact by the oracle, N updated."""
+    original = _nbits_model(exclude=["mm0", "mm2"])
+    assert [n.op_type for n in original.graph.node] == ["MatMul", "MatMulNBits", "Add", "Relu", "MatMul"]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(original)
+    model = from_proto(copy)
+    groups = find_groups(model)
+    [group] = groups.prunable()
+    remove = {group.id: np.array([0, 5, 6, 30, 47])}
+    masked = masked_model(original, groups, remove)
+    apply_plan(groups, ChannelPlan(remove))
+    nbits = model.proto.graph.node[1]
+    assert next(a.i for a in nbits.attribute if a.name == "N") == 43
+    shapes = {t.name: list(t.dims) for t in model.proto.graph.initializer}
+    assert shapes["w1_Q4"][0] == shapes["w1_scales"][0] == shapes["w1_zero_points"][0] == 43
+    assert_matches(masked, model.proto, random_feeds(original, batch=3), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nbits_input_features_freeze_their_group_by_name():
+    """Input features are packed into 32-wide quantization blocks: the group feeding a MatMulNBits is kept, and the
+    report names the node and why."""
+    groups = find_groups(from_proto(_nbits_model(exclude=["mm0"])))
+    assert not groups.prunable()
+    hidden = next(g for g in groups.groups if any(d.tensor == "h" for d in g.dims))
+    assert any("MatMulNBits packs its input features 32 to a quantization block" in reason
+               for reason in hidden.blocked), hidden.blocked
+    assert any("mm2" in reason for reason in hidden.blocked), hidden.blocked

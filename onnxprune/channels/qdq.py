@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxprune.channels.registry import Block, Dim, Link, normalise_axis, register, slot_of
+from onnxprune.channels.registry import Block, Dim, Link, normalise_axis, register, register_fix, slot_of
 from onnxprune.graph.index import attr
 
 
@@ -85,3 +85,55 @@ def dequantized_value(index, node: onnx.NodeProto) -> np.ndarray:
     zero = index.const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     return dequantize(index.const_value(node.input[0]), index.const_value(node.input[1]), zero,
                       int(attr(node, "axis", 1)))
+
+
+@register("MatMulNBits", domain="com.microsoft")
+def matmul_nbits(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
+    """onnxruntime's block-quantized MatMul (``com.microsoft``): ``B`` is ``[N, k_blocks, blob]``, ``scales`` and
+    ``zero_points`` are ``[N, ...]`` (or the older flat ``[N * ...]``), ``bias`` is ``[N]``. An output feature owns
+    row ``n`` of each, so output features are removed by slicing rows and setting ``N``. Input features are packed
+    several to a byte and ``block_size`` to a scale: removing one would re-quantize its block, so they block. onnx's
+    shape inference does not know this op: its output shape must be in the model (value_info), as exporters write it.
+    It is not a layer kind (graph/layers.py), so it seeds no group: its rows are removed when another layer's group
+    reaches its output (a residual add, a shared consumer)."""
+    index = ctx.index
+    a, y = node.input[0], node.output[0]
+    rank = index.rank(y)
+    if rank is None:
+        return Block("MatMulNBits: output rank unknown")
+    role, pos = slot_of(node, dim)
+    features = rank - 1
+    if role == "in" and pos == 0 and dim.axis != features:
+        return [Link(Dim(a, dim.axis), Dim(y, dim.axis))]
+    if role == "out" and dim.axis != features:
+        return [Link(Dim(a, dim.axis), Dim(y, dim.axis))]
+    if role == "in" and pos == 0:
+        return Block(f"MatMulNBits packs its input features {int(attr(node, 'block_size', 0))} to a quantization "
+                     "block; removing one would re-quantize its block")
+    if len(node.input) > 4 and node.input[4]:
+        return Block("MatMulNBits with g_idx (act-order) reorders its input rows")
+    n = int(attr(node, "N", 0))
+    links = []
+    for slot, param in enumerate(node.input[1:], start=1):
+        shape = index.shape(param) if param else None
+        if not param:
+            continue
+        if not n or not shape or shape[0] % n or (len(shape) > 1 and shape[0] != n):
+            return Block(f"MatMulNBits: input {slot} ({param}) has a layout this does not read")
+        per_row = shape[0] // n
+        if per_row == 1:
+            links.append(Link(Dim(y, features), Dim(param, 0)))
+        else:  # the older flat layout: row n owns entries n*per_row .. n*per_row+per_row-1
+            links.append(Link(Dim(y, features), Dim(param, 0), np.repeat(np.arange(n), per_row),
+                              np.arange(n * per_row)))
+    return links
+
+
+@register_fix("MatMulNBits", domain="com.microsoft")
+def matmul_nbits_fix(node: onnx.NodeProto, index, kept, editor) -> None:
+    rank = index.rank(node.output[0])
+    new = kept(Dim(node.output[0], rank - 1)) if rank else None
+    if new is not None:
+        for a in node.attribute:
+            if a.name == "N":
+                a.i = len(new)
