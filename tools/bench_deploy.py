@@ -10,6 +10,8 @@ For every model, four files:
   the reference pipeline of issue 15.
 * ``pruned``: ``onnxprune prune --channels 0.3 --calib D`` (default criterion and recovery).
 * ``pruned+int8``: ``onnxprune prune --channels 0.3 --calib D --quantize int8`` (one run, same calibration data).
+* ``pruned+int8, no bias corr.``: the ``pruned`` file through ``quantize_model(..., correct_bias=False)``: what the
+  bias correction after quantization changes.
 
 Columns: ``size`` = file bytes / fp32's; ``top-1`` on ``models/digits_val.npz`` (digits models only: the full-size
 models have random weights); ``agree`` = top-1 agreement with fp32 on the evaluation inputs; ``cpu`` / ``openvino``
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +51,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from make_fullsize import ensure_models  # noqa: E402
 
+from onnxprune.data.probe import to_batches  # noqa: E402
+from onnxprune.graph.io import load_model  # noqa: E402
 from onnxprune.pipeline import PruneOptions, prune_file  # noqa: E402
+from onnxprune.quantize import quantize_model  # noqa: E402
 from onnxprune.validate import providers as prov  # noqa: E402
 
 FULLSIZE = ("resnet18", "mobilenetv2")
 DIGITS = ("digits_resnet", "digits_plain", "digits_mobile")
-VARIANTS = ("fp32", "int8 hand", "pruned", "pruned+int8")
+VARIANTS = ("fp32", "int8 hand", "pruned", "pruned+int8", "pruned+int8, no bias corr.")
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
 
@@ -113,6 +119,13 @@ def build_files(name: str, source: Path, calib_path: Path, calib: np.ndarray, fo
             if report.quantization is not None:
                 qz = report.quantization
                 log(f"{name}: quantization float nodes {qz.float_nodes}, zeros {qz.zeros_before} -> {qz.zeros_after}")
+    nobc = folder / f"{name}.pruned_int8_nobc.onnx"
+    if not nobc.is_file():
+        model = load_model(files["pruned"])
+        batches = to_batches({"input": np.load(calib_path)["input"][:256]}, 32)
+        quantize_model(model, "int8", "minmax", batches, correct_bias=False)
+        onnx.save(model.proto, str(nobc))
+    files["pruned+int8, no bias corr."] = nobc
     return files
 
 

@@ -126,13 +126,14 @@ def check_request(kind: str, calibrated: bool, external: bool) -> None:
 
 
 def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Feed] | None,
-                   exclude: tuple[str, ...] = ()) -> QuantizationResult:
+                   exclude: tuple[str, ...] = (), correct_bias: bool = True) -> QuantizationResult:
     """Replace ``model.proto`` by its quantized form and say what changed.
 
     Args:
         kind: a key of :data:`~onnxprune.quantize.kinds.KINDS`; method: a key of ``METHODS`` (static int8).
         batches: the calibration batches (static int8 needs them).
         exclude: ``--exclude`` globs; matching nodes stay float.
+        correct_bias: static int8: try bias correction (kept only where it helps); False for comparisons.
 
     Raises:
         ConfigError: static int8 without calibration data; an external-data model.
@@ -158,7 +159,7 @@ def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Fee
         chosen.run(QuantJob(source, target, batches, method, tuple(keep_float)))
         result.size_after = target.stat().st_size
         quantized = onnx.load(str(target))
-        if chosen.needs_calibration and batches:
+        if chosen.needs_calibration and batches and correct_bias:
             result.bias_correction = fix = correct_biases(quantized, onnx.load(str(source)), batches)
             result.size_after = len(quantized.SerializeToString())
             if fix.layers:
