@@ -14,7 +14,8 @@ For every model, four files:
   bias correction after quantization changes.
 
 Columns: ``size`` = file bytes / fp32's; ``top-1`` on ``models/digits_val.npz`` (digits models only: the full-size
-models have random weights); ``agree`` = top-1 agreement with fp32 on the evaluation inputs; ``cpu`` / ``openvino``
+models have random weights); ``agree`` = top-1 agreement with fp32 on the evaluation inputs; ``MSE vs pruned`` = mean
+squared difference of the outputs from the fp32 pruned model's (the quantization error, held out); ``cpu`` / ``openvino``
 = speedup over fp32, the median over rounds of (fp32 time / this file's time) where every round times all four
 files once in a rotated order (interleaved, so drift hits all of them alike); ``ms`` = this file's median.
 
@@ -129,10 +130,9 @@ def build_files(name: str, source: Path, calib_path: Path, calib: np.ndarray, fo
     return files
 
 
-def top1(session: ort.InferenceSession, data: np.ndarray, batch: int = 32) -> np.ndarray:
+def logits(session: ort.InferenceSession, data: np.ndarray, batch: int = 32) -> np.ndarray:
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: data[i:i + batch]})[0].argmax(axis=1)
-                           for i in range(0, len(data), batch)])
+    return np.concatenate([session.run(None, {name: data[i:i + batch]})[0] for i in range(0, len(data), batch)])
 
 
 def timed_rounds(sessions: dict[str, ort.InferenceSession], feed: np.ndarray, rounds: int, warmup: int,
@@ -169,11 +169,13 @@ def measure(name: str, files: dict[str, Path], eval_x: np.ndarray, labels: np.nd
     for provider in providers:
         short = prov.short_name(provider)
         sessions = {k: prov.create_session(files[k], provider, args.threads)[0] for k in VARIANTS}
-        predictions = {k: top1(s, eval_x) for k, s in sessions.items()}
+        outputs = {k: logits(s, eval_x).astype(np.float64) for k, s in sessions.items()}
+        predictions = {k: v.argmax(axis=1) for k, v in outputs.items()}
         timing = timed_rounds(sessions, feed, args.rounds, args.warmup, args.min_sample_ms / 1000)
         for k in VARIANTS:
             rows[k][f"{short} ms"], rows[k][short] = timing[k]
             rows[k][f"{short} agree"] = float(np.mean(predictions[k] == predictions["fp32"]))
+            rows[k][f"{short} vs pruned"] = float(np.mean((outputs[k] - outputs["pruned"]) ** 2))
             if labels is not None:
                 rows[k][f"{short} top-1"] = float(np.mean(predictions[k] == labels))
             counts = prov.node_counts(sessions[k])
@@ -185,7 +187,7 @@ def measure(name: str, files: dict[str, Path], eval_x: np.ndarray, labels: np.nd
 
 def render(rows: list[dict], providers: list[str]) -> str:
     shorts = [prov.short_name(p) for p in providers]
-    head = ["model", "variant", "size", "top-1 (cpu)", "agree (cpu)"]
+    head = ["model", "variant", "size", "top-1 (cpu)", "agree (cpu)", "MSE vs pruned (cpu)"]
     for s in shorts:
         head += [f"{s} speedup", f"{s} ms"]
     if "openvino" in shorts:
@@ -193,7 +195,8 @@ def render(rows: list[dict], providers: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], r["variant"], f"{r['size']:.3f}x",
-                 f"{100 * r['cpu top-1']:.2f}%" if "cpu top-1" in r else "-", f"{100 * r['cpu agree']:.1f}%"]
+                 f"{100 * r['cpu top-1']:.2f}%" if "cpu top-1" in r else "-", f"{100 * r['cpu agree']:.1f}%",
+                 f"{r['cpu vs pruned']:.3g}"]
         for s in shorts:
             cells += [f"{r[s]:.2f}x", f"{r[f'{s} ms']:.3f}"]
         if "openvino" in shorts:
