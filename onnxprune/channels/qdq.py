@@ -115,9 +115,9 @@ def matmul_nbits(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
     n = int(attr(node, "N", 0))
     links = []
     for slot, param in enumerate(node.input[1:], start=1):
-        shape = index.shape(param) if param else None
         if not param:
             continue
+        shape = index.shape(param)
         if not n or not shape or shape[0] % n or (len(shape) > 1 and shape[0] != n):
             return Block(f"MatMulNBits: input {slot} ({param}) has a layout this does not read")
         per_row = shape[0] // n

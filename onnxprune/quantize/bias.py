@@ -99,16 +99,17 @@ def _output_error(proto: onnx.ModelProto, reference: dict[str, list[np.ndarray]]
     return total / max(count, 1.0)
 
 
-def _fold(proto: onnx.ModelProto, layer: _Layer, error: np.ndarray) -> None:
-    """``bias_int += round(error / scale)``, saturated to int32, in place."""
+def _fold(proto: onnx.ModelProto, layer: _Layer, error: np.ndarray) -> bool:
+    """``bias_int += round(error / scale)``, saturated to int32, in place; False for a bias it cannot read."""
     tensors = {t.name: t for t in proto.graph.initializer}
     bias = numpy_helper.to_array(tensors[layer.bias]).astype(np.int64)
     scale = numpy_helper.to_array(tensors[layer.scale]).astype(np.float64)
     if error.shape != bias.shape:
-        return  # a layout this does not understand (e.g. a bias broadcast from one value): leave it
+        return False  # a layout this does not understand (e.g. a bias broadcast from one value): leave it
     step = np.rint(error / np.where(scale == 0, np.inf, scale)).astype(np.int64)
     tensors[layer.bias].CopyFrom(numpy_helper.from_array(np.clip(bias + step, INT32.min, INT32.max).astype(np.int32),
                                                          layer.bias))
+    return True
 
 
 def correct_biases(quantized: onnx.ModelProto, reference: onnx.ModelProto, batches: list[Feed]) -> BiasCorrection:
@@ -132,8 +133,7 @@ def correct_biases(quantized: onnx.ModelProto, reference: onnx.ModelProto, batch
     corrected.CopyFrom(quantized)
     for layer in layers:
         now = _channel_means(corrected, [layer.measured], batches)[layer.measured]
-        _fold(corrected, layer, wanted[layer.output] - now)
-        result.layers += 1
+        result.layers += _fold(corrected, layer, wanted[layer.output] - now)
     result.error_before = _output_error(quantized, reference_out, batches)
     result.error_after = _output_error(corrected, reference_out, batches)
     if result.error_after < result.error_before:
