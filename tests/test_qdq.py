@@ -20,6 +20,7 @@ from onnxprune.pipeline import PruneOptions, find_groups, prune_model
 from onnxprune.prune.structured import ChannelPlan, apply_plan
 from oracle import assert_matches, masked_model, random_feeds
 
+from cli_support import assert_one_error, run_main
 from conftest import MODELS
 
 # per-channel weights on models with residual adds, depthwise convs, concats and a split; per-tensor on one
@@ -168,3 +169,11 @@ def test_matmul_nbits_input_features_freeze_their_group_by_name():
     assert any("MatMulNBits packs its input features 32 to a quantization block" in reason
                for reason in hidden.blocked), hidden.blocked
     assert any("mm2" in reason for reason in hidden.blocked), hidden.blocked
+
+
+def test_quantizing_a_quantized_model_is_refused_before_any_work(tmp_path, capsys):
+    _quantized("resnet_bn.onnx", tmp_path, per_channel=True)
+    source, out = tmp_path / "resnet_bn.qdq.onnx", tmp_path / "out.onnx"
+    code, _, err = run_main([source, "--channels", "0.3", "--quantize", "int8-dynamic", "-o", out], capsys)
+    assert code == 2 and not out.exists()
+    assert_one_error(err, "quantized already", "DequantizeLinear", "without --quantize")

@@ -19,6 +19,6 @@ class Preflight(Pass[PruneState]):
         if not calibrated and recovery_methods.chosen_method(options.recover, calibrated=False).needs_calibration:
             raise ConfigError(f"--recover {options.recover} needs calibration data (--calib)")
         if options.quantize is not None:
-            check_request(options.quantize, calibrated, state.model.external)
+            check_request(options.quantize, calibrated, state.model.external, state.model.proto)
             if options.sparse_storage:
                 raise ConfigError("--sparse-storage cannot be combined with --quantize yet")

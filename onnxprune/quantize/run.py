@@ -110,11 +110,12 @@ def _float_nodes(before: onnx.ModelProto, after: onnx.ModelProto, kind: str, exc
     return floats
 
 
-def check_request(kind: str, calibrated: bool, external: bool) -> None:
+def check_request(kind: str, calibrated: bool, external: bool, model: onnx.ModelProto | None = None) -> None:
     """Refuse what cannot be quantized, before any work.
 
     Raises:
-        ConfigError: an unknown kind; static int8 without calibration data; an external-data model.
+        ConfigError: an unknown kind; static int8 without calibration data; an external-data model; a model that is
+            quantized already (onnxruntime's quantizers expect float weights).
     """
     if kind not in KINDS:
         raise ConfigError(f"--quantize {kind}: choose one of {', '.join(KINDS)}")
@@ -123,6 +124,11 @@ def check_request(kind: str, calibrated: bool, external: bool) -> None:
                           "--quantize int8-dynamic needs none")
     if external:
         raise ConfigError("--quantize: models with external data (or over 2 GB) are not supported yet")
+    quantized = sorted({n.op_type for n in (model.graph.node if model is not None else ())
+                        if n.op_type in HELPER_OPS | INTEGER_OPS or n.op_type.startswith(("QLinear", "MatMulNBits"))})
+    if quantized:
+        raise ConfigError(f"--quantize {kind}: the model is quantized already ({', '.join(quantized)}); prune it "
+                          "without --quantize")
 
 
 def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Feed] | None,
@@ -139,7 +145,7 @@ def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Fee
         ConfigError: static int8 without calibration data; an external-data model.
         ZerosLost: a weight that was exactly zero is not after quantization.
     """
-    check_request(kind, bool(batches), model.external)
+    check_request(kind, bool(batches), model.external, model.proto)
     chosen = KINDS[kind]
     result = QuantizationResult(kind, method if chosen.needs_calibration else None)
     before = onnx.ModelProto()
