@@ -103,9 +103,7 @@ def matmul_nbits(node: onnx.NodeProto, dim: Dim, ctx) -> list[Link] | Block:
         return Block("MatMulNBits: output rank unknown")
     role, pos = slot_of(node, dim)
     features = rank - 1
-    if role == "in" and pos == 0 and dim.axis != features:
-        return [Link(Dim(a, dim.axis), Dim(y, dim.axis))]
-    if role == "out" and dim.axis != features:
+    if dim.axis != features and (role == "out" or pos == 0):  # batch and sequence axes pass through
         return [Link(Dim(a, dim.axis), Dim(y, dim.axis))]
     if role == "in" and pos == 0:
         return Block(f"MatMulNBits packs its input features {int(attr(node, 'block_size', 0))} to a quantization "

@@ -142,7 +142,7 @@ def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Fee
         correct_bias: static int8: try bias correction (kept only where it helps); False for comparisons.
 
     Raises:
-        ConfigError: static int8 without calibration data; an external-data model.
+        ConfigError: static int8 without calibration data; an external-data model; a model quantized already.
         ZerosLost: a weight that was exactly zero is not after quantization.
     """
     check_request(kind, bool(batches), model.external, model.proto)
