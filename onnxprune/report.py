@@ -73,7 +73,8 @@ def prune_dict(report: PruneReport) -> dict:
         "kind": q.kind, "method": q.method, "params": q.params, "zeros_before": q.zeros_before,
         "zeros_after": q.zeros_after, "sparsity_before": q.zeros_before / q.params if q.params else 0.0,
         "sparsity_after": q.zeros_after / q.params if q.params else 0.0, "float_nodes": q.float_nodes,
-        "size_before": q.size_before, "size_after": q.size_after, "preprocessed": q.preprocessed}
+        "size_before": q.size_before, "size_after": q.size_after, "preprocessed": q.preprocessed,
+        "bias_correction": None if q.bias_correction is None else vars(q.bias_correction)}
     if report.unstructured is not None:
         u = report.unstructured
         data["unstructured"] = {

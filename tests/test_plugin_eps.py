@@ -94,3 +94,25 @@ def test_missing_plugin_is_exit_6_naming_the_package(monkeypatch, capsys):
     assert code == 6
     assert len(err.strip().splitlines()) == 1
     assert "onnxruntime-ep-openvino" in err and "onnxprune[openvino]" in err
+
+
+@needs_openvino
+def test_quantized_model_validates_on_openvino(tmp_path):
+    """What ships after --quantize int8 runs on OpenVINO, Q/DQ nodes included, and scores there as on CPU (measured:
+    digits_resnet --channels 0.3 --quantize int8, 98.89% top-1 on both, tools/bench_deploy.py). Allowed: 1 point."""
+    from onnxprune.data.loader import DataOptions
+    from onnxprune.pipeline import PruneOptions, prune_file
+    from onnxprune.validate import ValidateOptions, run_validation
+
+    out = tmp_path / "int8.onnx"
+    prune_file(RESNET, out, PruneOptions(channels=0.3, calib=str(ROOT / "models" / "digits_calib.npz"), recover="bn",
+                                         quantize="int8"))
+    options = ValidateOptions(data=DataOptions(path=str(VAL)), runs=2, warmup=1, mobile=False)
+    on_cpu = run_validation(RESNET, out, options)
+    on_ov = run_validation(RESNET, out, ValidateOptions(data=options.data, providers="openvino", runs=2, warmup=1,
+                                                       mobile=False))
+    (ov,) = on_ov.latency
+    assert ov["session_providers"][0] == OPENVINO
+    nodes = ov["pruned"]["nodes_by_provider"]
+    assert nodes.get(OPENVINO, 0) > 0 and set(nodes) == {OPENVINO}  # the whole QDQ graph, none left to CPU
+    assert abs(on_ov.accuracy["pruned"]["top1"] - on_cpu.accuracy["pruned"]["top1"]) <= 0.01

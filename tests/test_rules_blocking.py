@@ -418,8 +418,9 @@ def test_weight_behind_identity_is_folded_then_pruned():
     first_output(model.proto, feeds)
 
 
-def test_quantized_weights_are_not_folded_and_block():
-    """A QDQ weight (int8 initializer -> DequantizeLinear -> Conv) stays quantised; its conv is left alone."""
+def test_quantized_weights_are_not_folded_and_are_pruned_through():
+    """A QDQ weight (int8 initializer -> DequantizeLinear -> Conv) stays quantised; its conv is pruned through the
+    DequantizeLinear (channels/qdq.py): the int8 initializer loses the removed rows and stays int8."""
     from onnxprune.graph.io import from_proto
     from onnxprune.pipeline import PruneOptions, prune_model
 
@@ -437,5 +438,6 @@ def test_quantized_weights_are_not_folded_and_block():
     model = from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8))
     report = prune_model(model, PruneOptions(channels=0.5, round_to=1))
     assert "DequantizeLinear" in [n.op_type for n in model.proto.graph.node]
-    assert all(g.after == g.before for g in report.groups)
-    assert any("computed at run time" in r for g in report.groups for r in g.blocked)
+    assert [(g.before, g.after) for g in report.groups if g.after < g.before] == [(6, 3)]
+    weight = next(t for t in model.proto.graph.initializer if t.name == "wq")
+    assert list(weight.dims) == [3, 3, 3, 3] and weight.data_type == onnx.TensorProto.INT8

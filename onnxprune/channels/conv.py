@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxprune.channels.qdq import dequantized_constant
 from onnxprune.channels.registry import Block, Dim, Link, register, register_fix
 from onnxprune.graph.index import GraphIndex, attr
 
 
 def _weight_shape(node: onnx.NodeProto, index: GraphIndex) -> list[int] | None:
-    if len(node.input) < 2 or not index.is_constant(node.input[1]):
+    if len(node.input) < 2 or not (index.is_constant(node.input[1]) or dequantized_constant(index, node.input[1])):
         return None
     return index.shape(node.input[1])
 

@@ -17,6 +17,8 @@ from onnxprune.quantize import kinds as quant_kinds
 from onnxprune.recovery import registry as recovery_methods
 from onnxprune.report import check_json_target, prune_dict, render_prune, write_json
 from onnxprune.validate import ValidateOptions, run_validation
+from onnxprune.validate.mobile import ship_for_mobile
+from onnxprune.validate.report import render_shipped
 
 
 class RoundToType(click.ParamType):
@@ -115,6 +117,9 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
         validation_report = run_validation(model, report.output, validation, dict(input_shapes))
         click.echo(validation_report.render())
         data["validation"] = validation_report.to_dict()
+    elif validation.export_ort:  # the final model's ORT file and its mobile verdict, without a validation run
+        data["mobile_export"] = shipped = ship_for_mobile(report.output, validation.export_ort, validation.mobile)
+        click.echo(render_shipped(shipped))
     if json_path:
         write_json(data, json_path, protected)
     if validation_report is not None:

@@ -14,6 +14,7 @@ import onnx
 
 from onnxprune.channels import Dim
 from onnxprune.channels.groups import ChannelGroup, GroupSet
+from onnxprune.channels.qdq import dequantized_value, dequantizing_use
 from onnxprune.errors import ConfigError, InputModelError
 from onnxprune.finite import require_finite
 from onnxprune.graph.layers import is_weighted
@@ -29,10 +30,24 @@ def check_reduction(reduction: str) -> None:
 
 
 def weight_uses(groups: GroupSet, group: ChannelGroup) -> list[tuple[Dim, onnx.NodeProto]]:
-    """(member dim, layer) for every constant member that is an operand of a weighted layer (either operand)."""
+    """(member dim, layer) for every constant member that is an operand of a weighted layer (either operand), directly
+    or through a DequantizeLinear (an already-quantized model's integer weight)."""
     index = groups.index
-    return [(dim, use.node) for dim in group.dims if index.is_constant(dim.tensor)
-            for use in index.consumers_of(dim.tensor) if is_weighted(use.node) and use.index in (0, 1)]
+    found = []
+    for dim in group.dims:
+        if not index.is_constant(dim.tensor):
+            continue
+        dq = dequantizing_use(index, dim.tensor)
+        feeds = dq.output[0] if dq is not None else dim.tensor
+        found += [(dim, use.node) for use in index.consumers_of(feeds) if is_weighted(use.node) and use.index in (0, 1)]
+    return found
+
+
+def weight_value(index, name: str) -> np.ndarray:
+    """A weight's values as the layer computes with them: dequantized when a DequantizeLinear reads it (an int8
+    weight's per-channel scale is part of its magnitude)."""
+    dq = dequantizing_use(index, name)
+    return index.const_value(name) if dq is None else dequantized_value(index, dq)
 
 
 def weight_dims(groups: GroupSet, group: ChannelGroup) -> list[Dim]:
@@ -56,7 +71,7 @@ def magnitude_scores(groups: GroupSet, group: ChannelGroup, dims: list[Dim], p: 
     divided by its mean, reduced over members by ``reduction``. Zeros and a note when ``dims`` is empty."""
     rows = []
     for dim in dims:
-        per_index = _per_index(groups.index.const_value(dim.tensor), dim.axis, p)
+        per_index = _per_index(weight_value(groups.index, dim.tensor), dim.axis, p)
         require_finite(per_index, f"input model: weight '{dim.tensor}'", InputModelError, f"axis-{dim.axis} index")
         per_channel = group.per_channel_sum(dim, per_index)
         if p == 2:

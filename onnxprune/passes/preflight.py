@@ -21,7 +21,7 @@ class Preflight(Pass[PruneState]):
         if options.hidden:
             _check_hidden(options.steps, calibrated, state.model.external)
         if options.quantize is not None:
-            check_request(options.quantize, calibrated, state.model.external)
+            check_request(options.quantize, calibrated, state.model.external, state.model.proto)
             if options.sparse_storage:
                 raise ConfigError("--sparse-storage cannot be combined with --quantize yet")
 

@@ -19,6 +19,7 @@ from onnxprune.data.loader import Feed
 from onnxprune.errors import ConfigError, OnnxPruneError
 from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.check import sort_nodes
+from onnxprune.quantize.bias import BiasCorrection, correct_biases
 from onnxprune.quantize.kinds import GEMM_SPLIT, KINDS, QuantJob
 from onnxprune.quantize.weights import layer_weights, lost_zeros
 
@@ -40,6 +41,8 @@ class QuantizationResult:
         float_nodes: nodes of the input that still compute in float32 (excluded, or not quantizable by the kind).
         size_before / size_after: serialized model bytes.
         preprocessed: onnxruntime's quant_pre_process ran (it may fail on some models; then it is skipped).
+        bias_correction: static int8 only: the quantization error's per-channel mean folded into the biases, kept
+            when it brought the outputs closer to the float model's on the calibration data.
     """
 
     kind: str
@@ -51,6 +54,7 @@ class QuantizationResult:
     size_before: int = 0
     size_after: int = 0
     preprocessed: bool = False
+    bias_correction: BiasCorrection | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -106,11 +110,12 @@ def _float_nodes(before: onnx.ModelProto, after: onnx.ModelProto, kind: str, exc
     return floats
 
 
-def check_request(kind: str, calibrated: bool, external: bool) -> None:
+def check_request(kind: str, calibrated: bool, external: bool, model: onnx.ModelProto | None = None) -> None:
     """Refuse what cannot be quantized, before any work.
 
     Raises:
-        ConfigError: an unknown kind; static int8 without calibration data; an external-data model.
+        ConfigError: an unknown kind; static int8 without calibration data; an external-data model; a model that is
+            quantized already (onnxruntime's quantizers expect float weights).
     """
     if kind not in KINDS:
         raise ConfigError(f"--quantize {kind}: choose one of {', '.join(KINDS)}")
@@ -119,22 +124,28 @@ def check_request(kind: str, calibrated: bool, external: bool) -> None:
                           "--quantize int8-dynamic needs none")
     if external:
         raise ConfigError("--quantize: models with external data (or over 2 GB) are not supported yet")
+    quantized = sorted({n.op_type for n in (model.graph.node if model is not None else ())
+                        if n.op_type in HELPER_OPS | INTEGER_OPS or n.op_type.startswith(("QLinear", "MatMulNBits"))})
+    if quantized:
+        raise ConfigError(f"--quantize {kind}: the model is quantized already ({', '.join(quantized)}); prune it "
+                          "without --quantize")
 
 
 def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Feed] | None,
-                   exclude: tuple[str, ...] = ()) -> QuantizationResult:
+                   exclude: tuple[str, ...] = (), correct_bias: bool = True) -> QuantizationResult:
     """Replace ``model.proto`` by its quantized form and say what changed.
 
     Args:
         kind: a key of :data:`~onnxprune.quantize.kinds.KINDS`; method: a key of ``METHODS`` (static int8).
         batches: the calibration batches (static int8 needs them).
         exclude: ``--exclude`` globs; matching nodes stay float.
+        correct_bias: static int8: try bias correction (kept only where it helps); False for comparisons.
 
     Raises:
-        ConfigError: static int8 without calibration data; an external-data model.
+        ConfigError: static int8 without calibration data; an external-data model; a model quantized already.
         ZerosLost: a weight that was exactly zero is not after quantization.
     """
-    check_request(kind, bool(batches), model.external)
+    check_request(kind, bool(batches), model.external, model.proto)
     chosen = KINDS[kind]
     result = QuantizationResult(kind, method if chosen.needs_calibration else None)
     before = onnx.ModelProto()
@@ -154,6 +165,14 @@ def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Fee
         chosen.run(QuantJob(source, target, batches, method, tuple(keep_float)))
         result.size_after = target.stat().st_size
         quantized = onnx.load(str(target))
+        if chosen.needs_calibration and batches and correct_bias:
+            result.bias_correction = fix = correct_biases(quantized, onnx.load(str(source)), batches)
+            result.size_after = len(quantized.SerializeToString())
+            if fix.layers:
+                result.notes.append(
+                    f"--quantize {kind}: bias correction of {fix.layers} layers: output error on the calibration data "
+                    f"{fix.error_before:.4g} -> {fix.error_after:.4g}, "
+                    + ("kept" if fix.kept else "not kept (no better than the plain quantized model)"))
     sort_nodes(quantized.graph)  # the float16 converter appends its input casts at the end
     _count_zeros(result, layer_weights(before), layer_weights(quantized))
     result.float_nodes = _float_nodes(before, quantized, kind, keep_float)

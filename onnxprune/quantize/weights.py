@@ -7,27 +7,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxprune.channels.qdq import dequantize
+
 # op -> (the weight input, the weight's zero point input or None); dynamic quantization renames Conv to ConvInteger
 WEIGHT_SLOTS = {"Conv": (1, None), "ConvTranspose": (1, None), "Gemm": (1, None), "MatMul": (1, None),
                 "ConvInteger": (1, 3), "MatMulInteger": (1, 3)}
 # onnxruntime's dynamic quantizer names a replaced node <name>_quant, a Gemm's <name>_MatMul_quant
 QUANTIZED_SUFFIXES = ("_MatMul_quant", "_quant")
-
-
-def _dequantize(values: np.ndarray, scale: np.ndarray | None, zero: np.ndarray | None, axis: int) -> np.ndarray:
-    """``(q - zero) * scale`` with per-tensor or per-channel (along ``axis``) parameters."""
-    result = values.astype(np.float64)
-    shape = [1] * values.ndim
-    if values.ndim:
-        shape[axis % values.ndim] = -1
-
-    def along(p: np.ndarray) -> np.ndarray:
-        return p.astype(np.float64).reshape(shape) if p.size > 1 else p.astype(np.float64).reshape(())
-    if zero is not None:
-        result = result - along(zero)
-    if scale is not None:
-        result = result * along(scale)
-    return result
 
 
 def layer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -52,7 +38,7 @@ def layer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         if values is not None:
             zero = constant(node.input[zero_slot]) if zero_slot is not None and len(node.input) > zero_slot else None
             axis = 0  # ConvInteger's and MatMulInteger's per-channel zero points index the output channels
-            values = _dequantize(values, None, zero, axis if node.op_type == "ConvInteger" else -1)
+            values = dequantize(values, None, zero, axis if node.op_type == "ConvInteger" else -1)
         elif name in producers and producers[name].op_type == "DequantizeLinear":
             dq = producers[name]
             values = constant(dq.input[0])
@@ -61,7 +47,7 @@ def layer_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             scale = constant(dq.input[1])
             zero = constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
             axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-            values = _dequantize(values, scale, zero, axis)
+            values = dequantize(values, scale, zero, axis)
         else:
             continue
         weights[_original_name(node.name)] = values

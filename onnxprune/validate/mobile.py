@@ -130,3 +130,15 @@ def export_ort(model_path: str | Path, out_dir: str | Path) -> list[str]:
     written = sorted(str(out / p.name) for p in out.iterdir()
                      if p.name.startswith(stem) and (p.name not in before or p.suffix in (".ort", ".config")))
     return written
+
+
+def ship_for_mobile(model_path: str | Path, out_dir: str | Path, check: bool = True) -> dict:
+    """``prune --export-ort DIR`` without ``--validate``: the final model (quantized when ``--quantize`` ran) in ORT
+    format, and onnxruntime's NNAPI/CoreML verdict on that same file, so what is shipped is what was checked.
+
+    Returns ``{"ort_export": [files], "mobile": {...} or None}``.
+
+    Raises:
+        OutputError: the folder cannot be written or onnxruntime cannot convert the model (exit 4).
+    """
+    return {"ort_export": export_ort(model_path, out_dir), "mobile": check_mobile(model_path) if check else None}

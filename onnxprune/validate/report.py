@@ -149,24 +149,37 @@ class ValidationReport:
                                             ("file size", "file_size", _bytes))]
             parts += ["", "size", _table(["", "original", "pruned", "pruned/original"], rows)]
         if self.mobile:
-            parts += ["", "mobile readiness (onnxruntime usability check: supported nodes, partitions, verdict)"]
-            rows = []
-            for key, label in (("nnapi", "NNAPI"), ("coreml_neuralnetwork", "CoreML NeuralNetwork"),
-                               ("coreml_mlprogram", "CoreML MLProgram")):
-                rows.append([label] + [_mobile_cell(self.mobile[which], key) for which in ("original", "pruned")])
-            parts.append(_table(["provider", "original", "pruned"], rows))
-            for which in ("original", "pruned"):
-                if self.mobile[which].get("dynamic_inputs"):
-                    parts.append(f"  {which}: dynamic inputs {', '.join(self.mobile[which]['dynamic_inputs'])}; "
-                                 "'fixed:' is the verdict with fixed shapes "
-                                 "(python -m onnxruntime.tools.make_dynamic_shape_fixed)")
-                    break
+            parts += ["", *mobile_section(self.mobile)]
         if self.ort_export:
             parts += ["", "ORT format export: " + ", ".join(self.ort_export)]
         failed = self.failures()
         if self.thresholds and any(v is not None for v in self.thresholds.values()):
             parts += ["", "thresholds: " + ("FAILED: " + "; ".join(failed) if failed else "passed")]
         return "\n".join(parts)
+
+
+def mobile_section(reports: dict[str, dict]) -> list[str]:
+    """The mobile readiness table, one column per checked model (``{"original": ..., "pruned": ...}`` in
+    ``validate``; the final model alone after ``prune --export-ort`` without ``--validate``)."""
+    lines = ["mobile readiness (onnxruntime usability check: supported nodes, partitions, verdict)"]
+    rows = []
+    for key, label in (("nnapi", "NNAPI"), ("coreml_neuralnetwork", "CoreML NeuralNetwork"),
+                       ("coreml_mlprogram", "CoreML MLProgram")):
+        rows.append([label] + [_mobile_cell(report, key) for report in reports.values()])
+    lines.append(_table(["provider", *reports], rows))
+    for which, report in reports.items():
+        if report.get("dynamic_inputs"):
+            lines.append(f"  {which}: dynamic inputs {', '.join(report['dynamic_inputs'])}; "
+                         "'fixed:' is the verdict with fixed shapes "
+                         "(python -m onnxruntime.tools.make_dynamic_shape_fixed)")
+            break
+    return lines
+
+
+def render_shipped(shipped: dict) -> str:
+    """What :func:`~onnxprune.validate.mobile.ship_for_mobile` returned, as text."""
+    parts = ["", *mobile_section({"final model": shipped["mobile"]})] if shipped["mobile"] else []
+    return "\n".join([*parts, "", "ORT format export: " + ", ".join(shipped["ort_export"])])
 
 
 def _mobile_cell(report: dict, key: str) -> str:
