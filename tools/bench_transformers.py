@@ -37,7 +37,7 @@ import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]  # this checkout's onnxprune, and the other tools
 
 from bench_channels import interleaved_latency  # noqa: E402
 

@@ -329,7 +329,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # two threads on a shared two-core machine were several times slower
     notes = []
 
     x_train, y_train, x_val, y_val = split()
