@@ -197,3 +197,48 @@ def test_padding_ids_do_change_padding_activations():
     pad = a["attention_mask"] == 0
     np.testing.assert_allclose(out_a[~pad], out_b[~pad], atol=1e-5)
     assert np.abs(out_a[pad] - out_b[pad]).max() > 0.1
+
+
+LINEAR_PAIR = """
+<ir_version: 8, opset_import: ["" : 17]>
+pair (float[N, 6, 8] x) => (float[N, 6, 4] y) {
+    h = MatMul(x, w1)
+    hb = Add(h, b1)
+    r = Relu(hb)
+    o = MatMul(r, w2)
+    y = Add(o, b2)
+}
+"""
+
+
+def _linear_pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Linear -> Relu -> Linear written as exporters write Linear (MatMul + Add), and calibration data for it."""
+    rng = np.random.default_rng(0)
+    model = onnx.parser.parse_model(LINEAR_PAIR)
+    values = {"w1": 0.3 * rng.standard_normal((8, 16)), "b1": rng.standard_normal(16) + 4.0,
+              "w2": rng.standard_normal((16, 4)), "b2": rng.standard_normal(4)}
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in values.items())
+    path, calib = tmp_path / "pair.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(path))
+    np.savez(calib, x=rng.standard_normal((64, 6, 8)).astype(np.float32))
+    return path, calib
+
+
+def test_lsq_fits_the_intercept_of_a_matmul_into_the_add_after_it(tmp_path, monkeypatch):
+    """Removed Relu channels have a positive mean that the kept ones reproduce only partly (with b1 around 4 the Relus
+    are nearly always on, so the kept channels are close to an affine map of x); the MatMul has no intercept of its
+    own, so lsq moves one into the Add's constant (no node added) and ends closer to the original (measured: relative
+    output error 0.00210 against 0.00226 without; the ridge damping keeps the intercept small)."""
+    from onnxprune.recovery import lsq
+
+    path, calib = _linear_pair(tmp_path)
+    options = PruneOptions(channels=0.5, criterion="l1", round_to=1, calib=str(calib))
+    with_intercept = prune_file(path, tmp_path / "a.onnx", options)
+    monkeypatch.setattr(lsq, "following_bias", lambda *args: None)
+    without = prune_file(path, tmp_path / "b.onnx", options)
+    assert with_intercept.recovery.output_error_after < 0.97 * without.recovery.output_error_after
+    fitted = onnx.load(str(tmp_path / "a.onnx"))
+    b2 = next(onnx.numpy_helper.to_array(t) for t in fitted.graph.initializer if t.name == "b2")
+    original_b2 = next(onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.name == "b2")
+    assert np.abs(b2 - original_b2).max() > 0.1
+    assert [n.op_type for n in fitted.graph.node] == ["MatMul", "Add", "Relu", "MatMul", "Add"]
