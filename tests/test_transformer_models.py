@@ -167,6 +167,7 @@ def _with_padding_ids(ids_at_padding: int, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bert_tiny.onnx", "bert_tiny_fused.onnx"])
 def test_recovery_ignores_padding_positions(name, tmp_path):
     """What sits at padding positions cannot change the real tokens' outputs (the mask keeps it out of attention),
@@ -242,3 +243,35 @@ def test_lsq_fits_the_intercept_of_a_matmul_into_the_add_after_it(tmp_path, monk
     original_b2 = next(onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.name == "b2")
     assert np.abs(b2 - original_b2).max() > 0.1
     assert [n.op_type for n in fitted.graph.node] == ["MatMul", "Add", "Relu", "MatMul", "Add"]
+
+
+def _masked_cosine(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    keep = mask.reshape(-1) != 0
+    a, b = a.reshape(-1, a.shape[-1])[keep].astype(np.float64), b.reshape(-1, b.shape[-1])[keep].astype(np.float64)
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+@pytest.mark.slow
+def test_bert_ffn_pruning_with_calibration_keeps_the_held_out_output(tmp_path):
+    """--channels 0.3 (FFN only today): held-out cosine at real tokens 0.972 without --calib, 0.990 with (recon +
+    lsq); the issue's target for the whole model (heads too) is >= 0.95."""
+    val = _tokens(VAL)
+    reference = _run(MODELS / "bert_tiny.onnx", val)
+    cosines = []
+    for calib in (None, str(CALIB)):
+        prune_file(MODELS / "bert_tiny.onnx", tmp_path / "out.onnx", PruneOptions(channels=0.3, calib=calib))
+        cosines.append(_masked_cosine(reference, _run(tmp_path / "out.onnx", val), val["attention_mask"]))
+    assert 0.95 <= cosines[1] and cosines[0] + 0.01 < cosines[1], cosines
+
+
+@pytest.mark.slow
+def test_digits_vit_keeps_its_top1_within_one_point(tmp_path):
+    """The issue's ViT target, accuracy half: --channels 0.3 --calib within one point of the original's held-out
+    top-1 (measured 96.94% -> 96.66%; the MACs half, <= 0.70, needs heads: FFN only keeps 0.79)."""
+    with np.load(MODELS / "digits_val.npz") as data:
+        images, labels = data["input"], data["labels"]
+    prune_file(MODELS / "digits_vit.onnx", tmp_path / "vit.onnx",
+               PruneOptions(channels=0.3, calib=str(MODELS / "digits_calib.npz")))
+    top1 = [float(np.mean(_run(path, {"input": images}).argmax(1) == labels))
+            for path in (MODELS / "digits_vit.onnx", tmp_path / "vit.onnx")]
+    assert top1[0] > 0.95 and top1[1] >= top1[0] - 0.01, top1
