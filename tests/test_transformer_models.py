@@ -275,3 +275,18 @@ def test_digits_vit_keeps_its_top1_within_one_point(tmp_path):
     top1 = [float(np.mean(_run(path, {"input": images}).argmax(1) == labels))
             for path in (MODELS / "digits_vit.onnx", tmp_path / "vit.onnx")]
     assert top1[0] > 0.95 and top1[1] >= top1[0] - 0.01, top1
+
+
+@pytest.mark.slow
+def test_bn_recovery_matches_layer_norm_statistics(tmp_path):
+    """--recover bn on a transformer rewrites LayerNorm scales/biases (per channel, at real tokens) and brings the
+    held-out output closer than no recovery (measured 0.975 -> 0.980 at --channels 0.3)."""
+    val = _tokens(VAL)
+    reference = _run(MODELS / "bert_tiny.onnx", val)
+    cosines, reports = [], []
+    for method in ("none", "bn"):
+        reports.append(prune_file(MODELS / "bert_tiny.onnx", tmp_path / "out.onnx",
+                                  PruneOptions(channels=0.3, recover=method, calib=str(CALIB))))
+        cosines.append(_masked_cosine(reference, _run(tmp_path / "out.onnx", val), val["attention_mask"]))
+    assert {f.kind for f in reports[1].recovery.layers} == {"ln-moments"} and reports[1].recovery.kept
+    assert cosines[0] + 0.002 < cosines[1], cosines
