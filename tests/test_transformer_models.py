@@ -290,3 +290,16 @@ def test_bn_recovery_matches_layer_norm_statistics(tmp_path):
         cosines.append(_masked_cosine(reference, _run(tmp_path / "out.onnx", val), val["attention_mask"]))
     assert {f.kind for f in reports[1].recovery.layers} == {"ln-moments"} and reports[1].recovery.kept
     assert cosines[0] + 0.002 < cosines[1], cosines
+
+
+@pytest.mark.parametrize("name", BERTS)
+def test_cli_calib_and_validate_with_token_data(name, tmp_path, capsys):
+    """--calib, --validate and --data on every export: exit 0 and an agreement row for the hidden states."""
+    model = Path(shutil.copy(MODELS / name, tmp_path / name))
+    code, out, err = run_main([model, "--channels", "0.3", "--calib", CALIB, "--calib-limit", "16", "--criterion", "l1", "--recover",
+                               "none", "-o", tmp_path / "out.onnx", "--validate", "--data", VAL, "--limit", "16",
+                               "--runs", "0", "--no-mobile"], capsys)
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.strip().startswith("last_hidden_state"))
+    cosine = float(row.split()[2])
+    assert (cosine == 1.0) == (name == "bert_tiny_fused.onnx")  # the fused graph has nothing prunable yet
