@@ -20,6 +20,7 @@ Usage (from the repository root)::
 
     nice python tools/bench_transformers.py                  # ratio 0.3, 20 pairs
     nice python tools/bench_transformers.py --ratio 0.5 --pairs 40 --models bert_tiny
+    nice python tools/bench_transformers.py --recovery 0.3 0.5      # held-out cosine per recovery choice (BERT)
 """
 
 from __future__ import annotations
@@ -159,6 +160,58 @@ def _run_val(path: Path, bench: Bench) -> np.ndarray:
     return _session(str(path)).run(None, feeds)[0]
 
 
+def layer_norm_moments(original: onnx.ModelProto, pruned: onnx.ModelProto, calib: dict[str, np.ndarray]) -> None:
+    """``--recover bn``'s LayerNorm step applied here to any pruned model (e.g. after lsq, which the tool does not
+    combine with it): each LayerNormalization in turn gets the original's per-channel output mean and spread at
+    real tokens of ``calib``, through its scale and bias."""
+    keep = calib["attention_mask"].reshape(-1) != 0
+    inits = {t.name: t for t in pruned.graph.initializer}
+    for node in (n for n in pruned.graph.node if n.op_type == "LayerNormalization"):
+        o, p = (_outputs(m, calib, [node.output[0]])[0] for m in (original, pruned))
+        o, p = (v.reshape(-1, v.shape[-1])[keep].astype(np.float64) for v in (o, p))
+        ratio = o.std(0) / np.maximum(p.std(0), 1e-8)
+        shift = o.mean(0) - ratio * p.mean(0)
+        scale, bias = (onnx.numpy_helper.to_array(inits[n]) for n in node.input[1:3])
+        inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array((ratio * scale).astype(np.float32), node.input[1]))
+        inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array((ratio * bias + shift).astype(np.float32),
+                                                                   node.input[2]))
+
+
+def _outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    known = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    return _session(copy.SerializeToString()).run(names, feeds)
+
+
+def recovery_table(names: list[str], ratios: list[float], folder: Path) -> None:
+    """Held-out masked cosine of the BERT models per recovery choice (no timing)."""
+    runs = [("no --calib (l1, no recovery)", None, None), ("--recover none --calib", "none", True),
+            ("--recover bn --calib", "bn", True), ("--calib (lsq)", "lsq", True),
+            ("--calib (lsq), then LayerNorm moments (bench-side)", "lsq+ln", True)]
+    print("| model | run | " + " | ".join(f"--channels {r}" for r in ratios) + " |")
+    print("|---|---|" + "---|" * len(ratios))
+    for name in names:
+        bench = next(b for b in BENCHES if b.name == name)
+        path = MODELS / f"{name}.onnx"
+        reference = _run_val(path, bench)
+        with np.load(MODELS / bench.calib) as data:
+            calib = {k: data[k] for k in data.files}
+        for label, method, calibrated in runs:
+            cells = []
+            for ratio in ratios:
+                out = folder / f"{name}_recovery.onnx"
+                prune_file(path, out, PruneOptions(channels=ratio, recover=(method or "none").split("+")[0],
+                                                   calib=str(MODELS / bench.calib) if calibrated else None))
+                if method == "lsq+ln":
+                    model = onnx.load(str(out))
+                    layer_norm_moments(onnx.load(str(path)), model, calib)
+                    onnx.save(model, str(out))
+                cells.append(f"{evaluate(out, bench, reference):.5f}")
+            print(f"| {name} | {label} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratio", type=float, default=0.3)
@@ -167,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-sample-ms", type=float, default=5.0)
+    parser.add_argument("--recovery", nargs="*", type=float, metavar="RATIO",
+                        help="instead: held-out cosine of the BERT models per recovery choice at these ratios")
     args = parser.parse_args(argv)
+    if args.recovery is not None:
+        with tempfile.TemporaryDirectory(prefix="bench_transformers_") as folder:
+            recovery_table([m for m in args.models if m.startswith("bert") and "fused" not in m],
+                           args.recovery or [0.3, 0.5], Path(folder))
+        return 0
     load = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_transformers_") as folder:
