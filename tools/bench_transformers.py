@@ -115,10 +115,10 @@ def evaluate(path: Path, bench: Bench, reference: np.ndarray | None) -> float:
     return masked_cosine(reference, out, arrays["attention_mask"])
 
 
-def timing_feeds(bench: Bench) -> dict[str, np.ndarray]:
-    """Batch 1: the first held-out image, or the first held-out sequence (padded to SEQ as stored)."""
+def timing_feeds(bench: Bench, batch: int) -> dict[str, np.ndarray]:
+    """The first ``batch`` held-out images, or sequences (padded to SEQ as stored)."""
     with np.load(MODELS / bench.val) as data:
-        return {k: data[k][:1] for k in data.files if k != "labels"}
+        return {k: data[k][:batch] for k in data.files if k != "labels"}
 
 
 def kind(model: onnx.ModelProto, members: list[str]) -> str:
@@ -144,13 +144,13 @@ def run(bench: Bench, ratio: float, calibrated: bool, tmp: Path, args) -> dict:
     original = onnx.load(str(path))
     shrunk = [g for g in report.groups if g.after < g.before]
     pruned = ", ".join(f"{kind(original, g.members)} {g.before}->{g.after}" for g in shrunk) or "nothing"
-    feeds = timing_feeds(bench)
+    feeds = timing_feeds(bench, args.batch)
     reference = None if bench.labels else _run_val(path, bench)
     _, _, _, speedup = interleaved_latency(str(path), str(out), args.threads, args.pairs, args.warmup,
                                            args.min_sample_ms / 1000, feeds)
     return {"model": bench.name, "run": f"--channels {ratio}" + (" --calib" if calibrated else ""),
             "pruned": pruned, "params": report.after.params / report.before.params,
-            "macs": macs(out, feeds) / macs(path, feeds), "speedup": speedup,
+            "macs": macs(out, timing_feeds(bench, 1)) / macs(path, timing_feeds(bench, 1)), "speedup": speedup,
             "quality": evaluate(out, bench, reference), "seconds": seconds}
 
 
@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="samples per timed run (MACs are counted at batch 1)")
     parser.add_argument("--min-sample-ms", type=float, default=5.0)
     parser.add_argument("--recovery", nargs="*", type=float, metavar="RATIO",
                         help="instead: held-out cosine of the BERT models per recovery choice at these ratios")
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             for calibrated in (False, True):
                 rows.append(run(bench, args.ratio, calibrated, Path(folder), args))
                 print(f"{rows[-1]}", file=sys.stderr, flush=True)
-    print(f"onnxruntime {ort.__version__}, batch 1, sequence {SEQ}, threads {args.threads}, {args.pairs} interleaved "
+    print(f"onnxruntime {ort.__version__}, batch {args.batch}, sequence {SEQ}, threads {args.threads}, {args.pairs} interleaved "
           f"pairs, load average {load:.2f} at start / {os.getloadavg()[0]:.2f} at end; quality: held-out top-1 (ViT) "
           "or masked output cosine to the original (BERT)\n")
     print("| model | run | pruned (groups: before -> after) | params kept | MACs kept | CPU speedup | quality | "
