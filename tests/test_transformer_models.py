@@ -181,9 +181,8 @@ def test_recovery_ignores_padding_positions(name, tmp_path):
                                                              calib=str(_with_padding_ids(ids, tmp_path))))
         results.append((report, {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}))
     (first, weights0), (second, weights1) = results
-    if name == "bert_tiny_fused.onnx":  # nothing prunable in the fused graph yet: no recovery, same weights
-        assert weights0.keys() == weights1.keys()
-    else:
+    assert weights0.keys() == weights1.keys()
+    if first.recovery.layers or name != "bert_tiny_fused.onnx":  # the fused graph may have nothing prunable yet
         assert any(f.accepted for f in first.recovery.layers)
         assert first.recovery.output_error_after == pytest.approx(second.recovery.output_error_after, rel=1e-9)
     for key, value in weights0.items():
@@ -301,5 +300,5 @@ def test_cli_calib_and_validate_with_token_data(name, tmp_path, capsys):
                                "--runs", "0", "--no-mobile"], capsys)
     assert code == 0, err
     row = next(line for line in out.splitlines() if line.strip().startswith("last_hidden_state"))
-    cosine = float(row.split()[2])
-    assert (cosine == 1.0) == (name == "bert_tiny_fused.onnx")  # the fused graph has nothing prunable yet
+    cosine = float(row.split()[2])  # over all positions, padding included
+    assert 0.8 < cosine and (cosine < 1.0 or name == "bert_tiny_fused.onnx")  # fused ops may have no rules yet
