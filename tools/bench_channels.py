@@ -72,11 +72,12 @@ def make_feeds(sess: ort.InferenceSession, seed: int = 0) -> dict:
 
 
 def interleaved_latency(orig: str, pruned: str, threads: int, pairs: int, warmup: int,
-                        min_sample_s: float) -> tuple[float, float, int, float]:
+                        min_sample_s: float, feeds: dict | None = None) -> tuple[float, float, int, float]:
     """Median seconds per inference of (orig, pruned), timed A/B interleaved; the inner repeat count; and the
-    median over pairs of (orig / pruned), the speedup (robust to load changing during the run)."""
+    median over pairs of (orig / pruned), the speedup (robust to load changing during the run). ``feeds``: the
+    inputs of both (default: random ones, dynamic dims 1)."""
     sa, sb = make_session(orig, threads), make_session(pruned, threads)
-    fa, fb = make_feeds(sa), make_feeds(sb)
+    fa, fb = (make_feeds(sa), make_feeds(sb)) if feeds is None else (feeds, feeds)
     for _ in range(warmup):
         sa.run(None, fa)
         sb.run(None, fb)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxprune.data import sources
+from onnxprune.data import sources, tokens
 from onnxprune.data.sources import Dataset, Preprocess
 from onnxprune.errors import ConfigError
 from onnxprune.graph.io import LoadedModel
@@ -54,12 +54,19 @@ def load_data(model: LoadedModel, options: DataOptions, input_shapes: dict[str, 
     """
     specs = sources.resolve_specs(sources.input_specs(model.proto), input_shapes)
     if not options.path:
-        return sources.generate(specs, options.batch_size or 1, options.limit, options.seed)
+        data = sources.generate(specs, options.batch_size or 1, options.limit, options.seed)
+        rules = tokens.token_rules(model.proto)
+        if rules:  # integers in [0, 10) are not valid ids for every table, nor a mask
+            data.inputs = tokens.valid_tokens(rules, data.inputs, options.seed)
+            data.notes.append(f"token inputs: {', '.join(sorted(rules))} (ids within their embedding, masks all ones)")
+        return data
     path = Path(options.path)
     if path.is_dir():
         return sources.load_image_folder(path, specs, options.preprocess, options.limit)
     if path.suffix.lower() == ".npz":
-        return sources.load_npz(path, specs, options.labels, options.limit)
+        data = sources.load_npz(path, specs, options.labels, options.limit)
+        tokens.check_tokens(data.inputs, model.proto, str(path))  # integer inputs are used as given: check them
+        return data
     raise ConfigError(f"{path}: expected an .npz file or a folder of class subfolders with images")
 
 

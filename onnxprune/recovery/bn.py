@@ -2,7 +2,8 @@
 
 At every BatchNormalization the pruned model's per-channel input statistics are measured and the running
 mean/variance are rewritten so that the BN output has the same mean and spread as in the original model (a no-op
-when nothing upstream changed). Convs and Gemms with a bias and no BN after them get the equivalent bias correction
+when nothing upstream changed); a LayerNormalization's scale and bias get the same per-channel matching of its
+output (transformers). Convs and Gemms with a bias and no BN after them get the equivalent bias correction
 (the folded-BN case).
 """
 
@@ -14,12 +15,13 @@ import onnx
 from onnxprune.channels import Dim
 from onnxprune.data.probe import Moments
 from onnxprune.graph.index import attr, node_label
+from onnxprune.recovery.padding import drop_padding, real_rows
 from onnxprune.recovery.recover import LayerFix, Recovery, RecoveryResult
 from onnxprune.recovery.registry import register
 
 
-@register("bn", "moment matching of BatchNorm statistics / biases",
-          ops=frozenset({"BatchNormalization", "Conv", "Gemm"}))
+@register("bn", "moment matching of BatchNorm/LayerNorm statistics / biases",
+          ops=frozenset({"BatchNormalization", "Conv", "Gemm", "LayerNormalization"}))
 class MomentMatching:
     """Only nodes whose activation input changed are revisited: a changed weight alone shifts no statistics here."""
 
@@ -36,6 +38,8 @@ class MomentMatching:
             return None
         if node.op_type == "BatchNormalization":
             return self.fix_bn(node)
+        if node.op_type == "LayerNormalization":
+            return self.fix_layer_norm(node)
         if len(node.input) > 2 and node.input[2] and node.output[0] not in self.bn_after \
                 and node.output[0] not in job.index.graph_outputs \
                 and job.index.is_constant(node.input[2]) and job.index.rank(node.input[2]) == 1:
@@ -84,6 +88,35 @@ class MomentMatching:
                       .astype(np.float32))
         return LayerFix(node_label(node), "bn-moments", float(before.mean()),
                         float(np.where(better, after, before).mean()), bool(better.any()))
+
+    def fix_layer_norm(self, node: onnx.NodeProto) -> LayerFix | str | None:
+        """Give a LayerNormalization's output, per channel, the original's mean and spread (at real tokens of a token
+        model, recover.py): scale and bias absorb the affine map from the pruned statistics to the original's.
+
+        Measured on bert_tiny (`--recover bn --calib`, held-out cosine at real tokens): 0.975 -> 0.980 at
+        `--channels 0.3`, 0.948 -> 0.955 at 0.5. After lsq it changes nothing measurable (README, Transformers), so
+        only this method does it."""
+        job = self.job
+        out = node.output[0]
+        rank = job.index.rank(out)
+        axis = int(attr(node, "axis", -1))
+        if rank is None or axis not in (-1, rank - 1) or len(node.input) < 3 or not node.input[2] \
+                or not all(job.index.is_constant(n) for n in node.input[1:3]):
+            return f"{node_label(node)}: LayerNorm moments skipped (needs a last-axis norm with constant scale and bias)"
+        mo, mp = Moments(), Moments()
+        for feed, (o, p) in zip(job.batches, job.paired(out)):
+            keep = real_rows(feed, job.mask, o)
+            mo.add(drop_padding(o, keep), o.ndim - 1 - (keep is not None))
+            mp.add(drop_padding(p, keep), p.ndim - 1 - (keep is not None))
+        mu_o, sd_o = _take(mo.mean, job.kept, out, rank - 1), np.sqrt(_take(mo.var, job.kept, out, rank - 1))
+        mu_p, sd_p = mp.mean, np.sqrt(mp.var)
+        ratio = np.where(sd_p > 1e-8, sd_o / np.maximum(sd_p, 1e-8), 1.0)
+        shift = mu_o - ratio * mu_p
+        scale, bias = (job.index.const_value(node.input[i]).astype(np.float64) for i in (1, 2))
+        job.set_const(node.input[1], (ratio.reshape(scale.shape) * scale).astype(np.float32))
+        job.set_const(node.input[2], (ratio.reshape(bias.shape) * bias + shift.reshape(bias.shape)).astype(np.float32))
+        before = float(np.mean((mu_o - mu_p) ** 2 + (sd_o - sd_p) ** 2))
+        return LayerFix(node_label(node), "ln-moments", before, 0.0, True)
 
     def fix_bias(self, node: onnx.NodeProto, bias_name: str) -> LayerFix:
         """Shift the bias by the difference of the original and pruned per-channel output means."""

@@ -19,8 +19,9 @@ import onnx
 
 from onnxprune.errors import OnnxPruneError
 from onnxprune.finite import first_nonfinite, require_finite
-from onnxprune.graph.index import node_label
+from onnxprune.graph.index import GraphIndex, node_label
 from onnxprune.graph.layers import LSQ_OPS, MAX_ROWS_PER_BATCH, NOT_FITTED, Layer, layer_of
+from onnxprune.recovery.fit_order import sole_use
 from onnxprune.recovery.obs import Hessian, obs_sweep
 from onnxprune.recovery.recover import LayerFix, Recovery, RecoveryResult, sweep
 from onnxprune.recovery.registry import get, register
@@ -56,7 +57,8 @@ class LeastSquares:
         weight = self.job.index.const_value(layer.weight).astype(np.float64)
         w_mat = layer.to_matrix(weight)  # [K, O]
         bias = self.job.index.const_value(layer.bias).astype(np.float64).reshape(-1) if layer.bias else None
-        if bias is None and layer.can_add_bias:  # a free intercept: the pruned inputs' means shift the output
+        added = following_bias(self.job.index, node, w_mat.shape[1]) if bias is None else None
+        if bias is None and (layer.can_add_bias or added):  # a free intercept: the pruned inputs' means shift it
             bias = np.zeros(w_mat.shape[1])
         w_full = np.vstack([w_mat, bias[None, :]]) if bias is not None else w_mat
         blocks = layer.blocks(w_mat.shape)
@@ -87,6 +89,9 @@ class LeastSquares:
             self.job.set_const(layer.weight, layer.from_matrix(new[: w_mat.shape[0]], weight.shape).astype(np.float32))
             if layer.bias:
                 self.job.set_const(layer.bias, new[-1].reshape(self.job.index.shape(layer.bias)).astype(np.float32))
+            elif added:  # the intercept fitted on top of the MatMul's output moves into the Add's constant
+                old = self.job.index.const_value(added)
+                self.job.set_const(added, (old + new[-1].reshape(old.shape)).astype(old.dtype))
             elif bias is not None:
                 add_bias(self.job, node, layer, new[-1])
         return LayerFix(node_label(node), "obs" if "obs" in kinds else "lsq", before, after, accepted)
@@ -197,6 +202,25 @@ class LeastSquares:
             found.append((mask, chosen))
         return found
 
+
+
+def following_bias(index: GraphIndex, node: onnx.NodeProto, outputs: int) -> str | None:
+    """The constant [outputs] added right after a bias-free MatMul, or None.
+
+    Why: exporters write a Linear layer as MatMul + Add(bias), so the MatMul alone has no intercept to fit, and the
+    mean that removed FFN neurons contributed (GELU outputs are not centred) stayed lost. The fitted intercept is
+    added to that constant (its only reader)."""
+    if node.op_type != "MatMul":
+        return None
+    use = sole_use(index, node.output[0])
+    if use is None or use.node.op_type != "Add":
+        return None
+    other = use.node.input[1 - use.index]
+    shape = index.shape(other) if index.is_constant(other) else None
+    if shape is None or not shape or shape[-1] != outputs or int(np.prod(shape)) != outputs \
+            or len(index.consumers_of(other)) != 1:
+        return None
+    return other
 
 
 def add_bias(job: Recovery, node: onnx.NodeProto, layer: Layer, values: np.ndarray) -> None:

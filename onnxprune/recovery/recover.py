@@ -17,6 +17,7 @@ not finite is an error.
 from __future__ import annotations
 
 import time
+from itertools import repeat
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.layers import Layer
 from onnxprune.progress import progress
 from onnxprune.recovery.fit_order import fit_order, relu_after, residual_branch, sole_use
+from onnxprune.recovery.padding import drop_padding, mask_input, real_rows
 from onnxprune.recovery.registry import Fitter, RecoveryMethod, get
 
 @dataclass
@@ -72,15 +74,20 @@ def output_error(original: onnx.ModelProto, pruned: LoadedModel, batches: list[d
     """Relative squared error of every graph output of ``pruned`` against ``original`` on ``batches``."""
     names = [o.name for o in pruned.proto.graph.output]
     return _output_error(Probe(original, names, batches, pruned.base_dir),
-                         Probe(pruned.proto, names, batches, pruned.base_dir, "pruned model"), pruned.proto)
+                         Probe(pruned.proto, names, batches, pruned.base_dir, "pruned model"), pruned.proto,
+                         mask_input(original))
 
 
-def _output_error(original: Probe, pruned: Probe, proto: onnx.ModelProto) -> float:
+def _output_error(original: Probe, pruned: Probe, proto: onnx.ModelProto, mask: str | None = None) -> float:
+    """Relative squared error over every float output, padding positions of a token model left out (padding.py)."""
     names = [o.name for o in proto.graph.output]
     num = den = 0.0
-    for ref, got in zip(original.iterate(names), pruned.iterate(names)):
+    feeds = original.batches if mask is not None else repeat({})  # the feeds are read only for the mask
+    for feed, ref, got in zip(feeds, original.iterate(names), pruned.iterate(names)):
         for r, g in zip(ref, got):
             if r.shape == g.shape and np.issubdtype(r.dtype, np.floating):
+                keep = real_rows(feed, mask, r)
+                r, g = drop_padding(r, keep), drop_padding(g, keep)
                 num += float(np.sum((r.astype(np.float64) - g) ** 2))
                 den += float(np.sum(r.astype(np.float64) ** 2))
     error = num / den if den else 0.0
@@ -124,6 +131,7 @@ class Recovery:
         self._pruned_probe: Probe | None = None
         self._tensors = tensors
         self.notes: list[str] = []  # fits dropped for NaN/inf or a failed solve, one line per layer
+        self.mask = mask_input(original)  # a token model's attention mask: padding rows are neither fitted nor scored
 
     def pruned_probe(self) -> Probe:
         if self._pruned_probe is None:
@@ -132,7 +140,7 @@ class Recovery:
         return self._pruned_probe
 
     def output_error(self) -> float:
-        return _output_error(self.original_probe, self.pruned_probe(), self.pruned.proto)
+        return _output_error(self.original_probe, self.pruned_probe(), self.pruned.proto, self.mask)
 
     def revisits(self, node: onnx.NodeProto) -> bool:
         """Whether ``node`` is downstream of a change: its activation input or one of its constants differs."""
@@ -158,12 +166,19 @@ class Recovery:
             norm, relu = relu_after(self.index, node.output[0])
             if norm is not None and layer.out_axis != 1:
                 relu = None
-            for (x_p,), (y_o,) in zip(pruned.iterate([node.input[0]]), self.original_probe.iterate([node.output[0]])):
+            for feed, (x_p,), (y_o,) in zip(self.batches, pruned.iterate([node.input[0]]),
+                                            self.original_probe.iterate([node.output[0]])):
                 y = y_o if out_idx is None else np.take(y_o, out_idx, axis=layer.out_axis)
                 floor = None
                 if relu is not None:
                     zero = np.zeros([1] * y.ndim)
                     floor = np.broadcast_to(zero if norm is None else self._unnormalise(norm, zero, 1), y.shape)
+                # rows of the last axis (MatMul on [batch, seq, K]): a token model's padding rows are left out
+                keep = real_rows(feed, self.mask, x_p) if layer.kernel is None and layer.out_axis == y.ndim - 1 \
+                    else None
+                if keep is not None and y.shape[:2] == x_p.shape[:2]:
+                    x_p, y = drop_padding(x_p, keep), drop_padding(y, keep)
+                    floor = None if floor is None else drop_padding(floor, keep)
                 yield x_p, y, floor
             return
         add, other, norm = residual
