@@ -13,8 +13,9 @@ import concurrent.futures as cf
 import contextlib
 import contextvars
 import multiprocessing
+import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from onnxprune.errors import ConfigError, OnnxPruneError
@@ -25,6 +26,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 RAY_HINT = "pip install 'onnxprune[ray]' (or pip install 'ray[default]')"
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_RETRIES = 3  # Ray: re-runs of a task whose worker died (a raised exception is never retried)
 
 _THREADS: contextvars.ContextVar[int] = contextvars.ContextVar("onnxprune_worker_threads", default=0)
@@ -117,7 +119,8 @@ def _run_pool(fn: Callable, shared: Any, tasks: list, workers: int, threads: int
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_init_worker, initargs=(shared, threads))
     try:
-        futures = [pool.submit(_pool_task, fn, task) for task in tasks]
+        with _blas_threads(threads):  # the workers start during the first submits and read it at import
+            futures = [pool.submit(_pool_task, fn, task) for task in tasks]
         for future in cf.as_completed(futures):
             future.result()  # the first failure stops the run
             advance(1)
@@ -130,6 +133,20 @@ def _run_pool(fn: Callable, shared: Any, tasks: list, workers: int, threads: int
         raise
     pool.shutdown(wait=True)
     return results
+
+
+@contextlib.contextmanager
+def _blas_threads(threads: int) -> Iterator[None]:
+    """numpy's BLAS (recovery's solvers) would start one thread per core in every worker: N workers on N cores
+    then fight over them. Spawned workers inherit the environment, so set the usual variables while they start,
+    unless the user set them."""
+    names = [n for n in BLAS_THREAD_VARIABLES if n not in os.environ] if threads > 0 else []
+    os.environ.update({n: str(threads) for n in names})
+    try:
+        yield
+    finally:
+        for name in names:
+            os.environ.pop(name, None)
 
 
 def _stop(pool: cf.ProcessPoolExecutor) -> None:
