@@ -34,6 +34,8 @@ NOT_HERE = ("max_accuracy_drop", "min_agreement", "min_cosine", "mobile", "expor
               help="Use at most this many calibration samples.")
 @click.option("--ratios", type=FloatListType(), default=",".join(map(str, DEFAULT_RATIOS)), show_default=True,
               help="Fractions of each group's channels to remove, comma-separated, each in (0, 1).")
+@click.option("--only", multiple=True, metavar="GLOB", help="Measure only the groups with a node or tensor name "
+              "matching GLOB (repeatable) [default: every prunable group].")
 @click.option("--recover", "recover_method", type=click.Choice(recovery_methods.names()),
               help="The recovery measured beside none [default: lsq].")
 @click.option("--criterion", type=click.Choice(importance.choices()), default=importance.AUTO, show_default=True,
@@ -44,14 +46,14 @@ NOT_HERE = ("max_accuracy_drop", "min_agreement", "min_cosine", "mobile", "expor
               help="Local worker processes (1: in this process).")
 @click.option("--ray", metavar="auto|ADDRESS", help="Run the tasks on Ray: 'auto' starts a local instance (or joins "
               "RAY_ADDRESS), else a cluster address (ray://head:10001). Needs onnxprune[ray].")
-@click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
+@click.option("--plot", "plot_dir", type=click.Path(readable=False),  # checked by check_plot_target: exit 4
               help="Write sensitivity_loss.png and sensitivity_frontier.png into this folder (needs onnxprune[plots]).")
 @validate_options
 @input_shape_option
 @json_option
 @debug_option
 def sensitivity_command(model: str, calib: str, calib_limit: int, ratios: tuple[float, ...],
-                        recover_method: str | None, criterion: str, round_to: int | None, workers: int,
+                        only: tuple[str, ...], recover_method: str | None, criterion: str, round_to: int | None, workers: int,
                         ray: str | None, plot_dir: str | None, validation: ValidateOptions, input_shapes,
                         json_path: str | None, debug: bool) -> None:
     """For every prunable group of MODEL: the loss after pruning that group alone at each of --ratios, without and
@@ -74,7 +76,7 @@ def sensitivity_command(model: str, calib: str, calib_limit: int, ratios: tuple[
     prune = PruneOptions(criterion=criterion, round_to=round_to, input_shapes=dict(input_shapes), calib=calib,
                          calib_limit=calib_limit, preprocess=validation.data.preprocess)
     options = SensitivityOptions(prune=prune, data=validation.data if validation.data.path else None,
-                                 ratios=tuple(ratios), recover=recover_method, providers=validation.providers,
+                                 ratios=tuple(ratios), only=only, recover=recover_method, providers=validation.providers,
                                  warmup=validation.warmup, runs=validation.runs, workers=workers, ray=ray,
                                  threads=threads)
     result = run_sensitivity(model, options)

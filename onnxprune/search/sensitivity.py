@@ -9,6 +9,7 @@ on each provider. Tasks run through :func:`onnxprune.search.executor.run_tasks`:
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import time
 from dataclasses import dataclass, field, replace
@@ -47,6 +48,7 @@ class SensitivityOptions:
     prune: PruneOptions
     data: DataOptions | None = None  # held-out data: judged on, never used to select
     ratios: tuple[float, ...] = DEFAULT_RATIOS
+    only: tuple[str, ...] = ()  # globs: measure only the groups with a matching node or tensor name (default: all)
     recover: str | None = None  # the recovery compared with none (None: the default with calibration data, lsq)
     providers: str = "cpu"
     warmup: int = 3
@@ -154,14 +156,18 @@ def run_sensitivity(path: str, options: SensitivityOptions) -> SensitivityResult
         info.macs_share = 1 - macs_kept(layers, total, {info.id: 1.0})
     recoveries = [NO_RECOVERY] + [m for m in [_recovery(options)] if m != NO_RECOVERY]
     keys = {g.id: g.key for g in infos if g.key is not None}
+    measured = [g for g in infos if g.key is not None and _selected(groups, g.id, options.only)]
+    if not measured:
+        raise ConfigError(f"--only {' '.join(options.only)}: no prunable group matches" if options.only
+                          else "no channel group can be pruned alone: nothing to measure")
     tasks = [Task(g.id, ratio, method, tuple(k for gid, k in keys.items() if gid != g.id), method == NO_RECOVERY)
-             for g in infos if g.key is not None for ratio in options.ratios for method in recoveries]
+             for g in measured for ratio in options.ratios for method in recoveries]
     rows = run_tasks(evaluate_task, shared, tasks, workers=options.workers, ray=options.ray,
                      progress="sensitivity", threads=options.threads)
     notes = [f"group {g.name}: no node or tensor name belongs to it alone, so it cannot be pruned alone; not measured"
              for g in infos if g.key is None]
     return SensitivityResult(
-        model=str(path), groups=infos, rows=rows, layers=layers, total_macs=float(total),
+        model=str(path), groups=measured, rows=rows, layers=layers, total_macs=float(total),
         frozen=[(g.name, "; ".join(g.blocked) or "fewer than 2 channels") for g in groups.groups if not g.prunable],
         notes=notes,
         options={"ratios": list(options.ratios), "recover": recoveries, "criterion": options.prune.criterion,
@@ -231,6 +237,11 @@ def _layers(groups: GroupSet) -> list[Layer]:
         if macs:
             layers.append(Layer(name, float(macs), tuple((groups.dim_sizes[d], tuple(o)) for d, o in by_dim.items())))
     return layers
+
+
+def _selected(groups: GroupSet, group_id: int, only: tuple[str, ...]) -> bool:
+    group = next(g for g in groups.groups if g.id == group_id)
+    return not only or any(fnmatch.fnmatchcase(n, p) for p in only for n in _names(group))
 
 
 def _names(group: ChannelGroup) -> list[str]:
