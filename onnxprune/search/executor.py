@@ -15,6 +15,7 @@ import contextvars
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -30,7 +31,7 @@ BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THR
 MAX_RETRIES = 3  # Ray: re-runs of a task whose worker died (a raised exception is never retried)
 
 _THREADS: contextvars.ContextVar[int] = contextvars.ContextVar("onnxprune_worker_threads", default=0)
-_SHARED: dict[str, Any] = {}  # inside a local pool worker: the shared inputs, set once by _init_worker
+_SHARED: dict[str, Any] = {}  # inside a worker process: the shared inputs, set once per run
 
 
 def worker_threads() -> int:
@@ -104,8 +105,10 @@ def _run_here(fn: Callable, shared: Any, tasks: list, threads: int, advance: Cal
 
 def _init_worker(shared: Any, threads: int) -> None:
     """Pool initializer: keep the shared inputs for every task of this process. Ctrl-C in a terminal reaches the
-    whole process group: the parent decides, so a worker ignores SIGINT and is stopped by the parent instead."""
+    whole process group: the parent decides, so a worker ignores SIGINT and is stopped by the parent instead. The
+    worker was started with SIGINT blocked (see :func:`_signals_deferred`); one that arrived meanwhile is dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _SHARED["value"] = shared
     _THREADS.set(threads)
 
@@ -116,23 +119,53 @@ def _pool_task(fn: Callable, task: Any) -> Any:
 
 def _run_pool(fn: Callable, shared: Any, tasks: list, workers: int, threads: int,
               advance: Callable[[int], None]) -> list:
+    others = set(multiprocessing.active_children())  # processes this call did not start are never stopped by it
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_init_worker, initargs=(shared, threads))
     try:
-        with _blas_threads(threads):  # the workers start during the first submits and read it at import
+        with _blas_threads(threads), _signals_deferred():  # the workers start during these submits
             futures = [pool.submit(_pool_task, fn, task) for task in tasks]
         for future in cf.as_completed(futures):
             future.result()  # the first failure stops the run
             advance(1)
         results = [f.result() for f in futures]
     except cf.process.BrokenProcessPool:
-        _stop(pool)
+        _stop(pool, others)
         raise OnnxPruneError("a worker process died (out of memory or killed); rerun with fewer --workers") from None
     except BaseException:
-        _stop(pool)  # an error, Ctrl-C or SIGTERM: no worker outlives the call
+        _stop(pool, others)  # an error, Ctrl-C or SIGTERM: no worker outlives the call
         raise
     pool.shutdown(wait=True)
     return results
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """While workers start, hold Ctrl-C and SIGTERM back and act on them right after.
+
+    Why: starting a spawned worker writes the shared inputs into a pipe the new process reads while it imports; an
+    exception raised in the middle (Python runs signal handlers between any two bytecodes) would leave a process
+    that is started but not yet known to the pool or to multiprocessing. The workers themselves start with SIGINT
+    blocked (a mask survives fork and exec, a Python handler does not) and ignore it from their initializer on, so
+    a terminal's Ctrl-C, sent to the whole process group, reaches this process only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not None:  # None: a handler installed from C, left alone
+            signal.signal(sig, lambda signum, frame: received.append(signum))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])  # the handler this process had, now
 
 
 @contextlib.contextmanager
@@ -149,22 +182,19 @@ def _blas_threads(threads: int) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def _stop(pool: cf.ProcessPoolExecutor) -> None:
-    """Cancel what has not started and terminate the worker processes now (not after their current task)."""
-    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
-    if terminate is not None:
-        terminate()
-    else:
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    pool.shutdown(wait=True, cancel_futures=True)
+def _stop(pool: cf.ProcessPoolExecutor, others: set) -> None:
+    """Cancel what has not started and terminate the worker processes now (not after their current task): every
+    live child process that ``others`` (the children from before the pool) does not hold."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    workers = [p for p in multiprocessing.active_children() if p not in others]
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    pool.shutdown(wait=True)
 
 
 def _import_ray() -> Any:
@@ -175,11 +205,18 @@ def _import_ray() -> Any:
     return ray
 
 
-def _ray_task(fn: Callable, shared: Any, task: Any, threads: int) -> Any:
-    """What a Ray worker runs: ``shared`` arrives resolved from the object store (numpy arrays zero-copy)."""
+def _ray_task(fn: Callable, shared: list, task: Any, threads: int) -> Any:
+    """What a Ray worker runs. ``shared`` is ``[ObjectRef]``: wrapped, so Ray does not resolve it for every task;
+    the worker fetches and deserialises it once and keeps it for the next tasks of the same run."""
+    ref = shared[0]
+    if _SHARED.get("ray_ref") != ref.hex():
+        import ray
+
+        _SHARED.clear()  # a previous run's inputs
+        _SHARED.update(ray_ref=ref.hex(), value=ray.get(ref))
     token = _THREADS.set(threads)
     try:
-        return fn(shared, task)
+        return fn(_SHARED["value"], task)
     finally:
         _THREADS.reset(token)
 
@@ -199,7 +236,7 @@ def _run_ray(fn: Callable, shared: Any, tasks: list, address: str, threads: int,
     try:
         remote = ray.remote(num_cpus=threads or 1, max_retries=max_retries)(_ray_task)
         shared_ref = ray.put(shared)  # once: every task reads the same object
-        refs = [remote.remote(fn, shared_ref, task, threads) for task in tasks]
+        refs = [remote.remote(fn, [shared_ref], task, threads) for task in tasks]
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
