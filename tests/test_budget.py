@@ -1,0 +1,182 @@
+"""Budgets instead of ratios (search/budget.py, cost.py, allocate.py, latency_table.py).
+
+Oracles: the analytic cost equals graph/stats.py on the pruned model; a result meets its budget as stats measure the
+saved file; a latency budget is met as the injected meter measures it (no timing in tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from cli_support import assert_one_error, run_main
+from conftest import MODELS
+
+from onnxprune.channels.groups import build_groups
+from onnxprune.graph.fold import fold_constant_subgraphs
+from onnxprune.graph.index import GraphIndex
+from onnxprune.graph.io import LoadedModel, load_model
+from onnxprune.graph.stats import model_stats, static_input_shapes
+from onnxprune.passes.state import PruneOptions
+from onnxprune.prune.structured import ChannelPlan, apply_plan
+from onnxprune.search.allocate import Levels, allocate
+from onnxprune.search.budget import prune_to_budget
+from onnxprune.search.cost import cost_model
+from onnxprune.search.latency_table import interpolate
+
+DIGITS = MODELS / "digits_resnet.onnx"
+CALIB = MODELS / "digits_calib.npz"
+
+
+def _index(path):
+    model = load_model(path)
+    index = GraphIndex(model, static_input_shapes(model, None))
+    fold_constant_subgraphs(index)
+    return model, index
+
+
+@pytest.mark.parametrize("name", ["digits_resnet.onnx", "mobilenetv2_bn.onnx", "densenet_bn.onnx", "csp_bn.onnx",
+                                  "transformer.onnx", "convflatten_bn.onnx", "resnext_bn.onnx"])
+def test_analytic_cost_equals_stats_on_the_pruned_model(name):
+    """The cost model's MACs and parameters for random removals equal what graph/stats.py counts after applying
+    them: bilinear layers, depthwise convs, concats, flatten and MatMul included."""
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        model, index = _index(MODELS / name)
+        groups = build_groups(index)
+        costs = {kind: cost_model(groups, kind) for kind in ("macs", "params")}
+        removed = {g.id: int(rng.integers(1, g.size)) for g in groups.prunable() if rng.random() < 0.7}
+        predicted = {kind: c.cost(removed) for kind, c in costs.items()}
+        apply_plan(groups, ChannelPlan({gid: rng.choice(groups.groups[gid].size, n, replace=False)
+                                        for gid, n in removed.items()}))
+        after = model_stats(model, index=index, zeros={})
+        assert removed and after.macs < costs["macs"].total
+        assert predicted == {"macs": after.macs, "params": after.params}
+
+
+def test_allocation_takes_the_cheapest_loss_per_cost_and_hands_back_what_the_goal_does_not_need():
+    cost_per_channel = {0: 10.0, 1: 10.0}
+
+    def cost(removed):
+        return 100.0 - sum(cost_per_channel[g] * n for g, n in removed.items())
+
+    levels = [Levels(0, (0, 1, 2, 4), (0.0, 0.5, 1.0, 2.0)), Levels(1, (0, 1, 2, 4), (0.0, 0.1, 0.2, 3.0))]
+    chosen = allocate(levels, cost, 70.0)
+    assert chosen.reached and chosen.removed == {0: 1, 1: 2} and chosen.cost == 70.0
+    assert chosen.loss == pytest.approx(0.7)
+    # a noisy loss that drops with more removal counts as the level before it
+    assert Levels(0, (0, 1, 2), (0.0, 0.4, 0.3)).monotone() == (0.0, 0.4, 0.4)
+    unreachable = allocate(levels, cost, 5.0)
+    assert not unreachable.reached and unreachable.removed == {0: 4, 1: 4}
+    assert allocate(levels, cost, 100.0).removed == {0: 0, 1: 0}
+    assert allocate(levels, cost, 70.0, fixed={0: 2}).removed == {0: 2, 1: 1}
+
+
+def test_latency_table_interpolates_through_zero_and_extends_the_last_segment():
+    points = {4: -0.1, 8: -0.3}
+    assert interpolate(points, 0) == 0.0
+    assert interpolate(points, 2) == pytest.approx(-0.05)
+    assert interpolate(points, 6) == pytest.approx(-0.2)
+    assert interpolate(points, 10) == pytest.approx(-0.4)
+
+
+def _measured(path, kind):
+    stats = model_stats(load_model(path))
+    return stats.macs if kind == "macs" else stats.params
+
+
+@pytest.mark.parametrize("kind, target", [("macs", 0.5), ("params", 0.6)])
+def test_result_meets_the_budget_as_stats_measure_the_saved_model(tmp_path, kind, target):
+    out = tmp_path / "out.onnx"
+    options = PruneOptions(round_to=1, calib=str(CALIB), calib_limit=64, recover="none", steps=2,
+                           **{f"target_{kind}": target})
+    report = prune_to_budget(DIGITS, out, options)
+    measured = _measured(out, kind) / _measured(DIGITS, kind)
+    assert measured <= target
+    assert report.budget.reached == pytest.approx(measured)
+    path = report.budget.rounds
+    assert len(path) == 2 and path[0].reached > path[1].reached == pytest.approx(measured)
+    assert all(r.predicted == pytest.approx(r.reached) for r in path)  # the analytic cost is exact
+    assert sum(r.removed for r in path) == sum(g.before - g.after for g in report.groups) > 0
+
+
+class FakeMeter:
+    """Latency = a fixed overhead plus time proportional to MACs (a memory-bound part that pruning does not
+    shrink), computed from graph/stats.py, so tests know the truth without timing anything. ``table_bias``
+    scales the savings the per-group table reports, to make the table wrong on purpose."""
+
+    name = "fake meter"
+
+    def __init__(self, overhead: float = 0.3, table_bias: float = 1.0) -> None:
+        self.overhead, self.table_bias, self.calls = overhead, table_bias, []
+
+    def latency(self, model: bytes) -> float:
+        macs = model_stats(LoadedModel(onnx.ModelProto.FromString(model))).macs
+        return self.overhead * 533824 + macs
+
+    def ratios(self, reference, candidates, feed):
+        base = self.latency(reference)
+        out = [self.latency(c) / base for c in candidates]
+        self.calls.append(len(out))
+        if len(out) == 1:  # the search's measurement of a round's result: the truth
+            return out
+        return [1 - (1 - r) * self.table_bias for r in out]
+
+
+def test_latency_budget_is_met_as_the_meter_measures_it(tmp_path):
+    meter = FakeMeter()
+    options = PruneOptions(round_to=1, calib=str(CALIB), calib_limit=64, recover="none", steps=2,
+                           target_latency=0.6)
+    report = prune_to_budget(DIGITS, tmp_path / "out.onnx", options, meter=meter)
+    original = meter.latency(load_model(DIGITS).proto.SerializeToString())
+    truth = meter.latency(load_model(tmp_path / "out.onnx").proto.SerializeToString()) / original
+    assert truth <= 0.6 and report.budget.reached == pytest.approx(truth)
+    assert report.budget.method == "fake meter" and report.budget.timings > 0
+
+
+def test_latency_search_keeps_removing_while_the_measured_result_misses(tmp_path):
+    """A table that promises twice the real savings: the planned rounds fall short as measured, so the search
+    runs more rounds until the measurement meets the budget."""
+    meter = FakeMeter(table_bias=2.0)
+    options = PruneOptions(round_to=1, calib=str(CALIB), calib_limit=64, recover="none", steps=2,
+                           target_latency=0.6)
+    report = prune_to_budget(DIGITS, tmp_path / "out.onnx", options, meter=meter)
+    path = report.budget.rounds
+    assert len(path) > 2 and path[1].reached > 0.6 >= path[-1].reached
+    assert path[1].predicted <= 0.6  # the plan believed the table
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--target-macs", "0"], ["outside (0, 1)"]),
+    (["--target-macs", "1"], ["outside (0, 1)"]),
+    (["--target-params", "-0.5"], ["outside (0, 1)"]),
+    (["--target-latency", "fast"], ["not a number"]),
+    (["--target-macs", "0.5", "--channels", "0.3"], ["--channels and --target-macs"]),
+    (["--target-macs", "0.5", "--target-params", "0.5"], ["give one budget"]),
+    (["--target-macs", "0.5", "--calib", None, "--scope", "global"], ["--scope global"]),
+    (["--target-macs", "0.5", "--calib", None, "--sparsity", "0.5"], ["--sparsity"]),
+    (["--target-macs", "0.5", "--calib", None, "--max-accuracy-drop", "0.01"], ["give --data"]),
+])
+def test_bad_budgets_are_one_line_errors_with_exit_2(tmp_path, capsys, args, fragments):
+    args = [str(CALIB) if a is None else a for a in args]
+    if "--calib" not in args and "0.5" in args and "--target-latency" not in args and len(args) == 2:
+        args += []
+    code, out, err = run_main([DIGITS, "-o", tmp_path / "out.onnx", *args], capsys)
+    assert code == 2, err
+    assert_one_error(err, *fragments)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_budget_needs_calibration_data(tmp_path, capsys):
+    code, _, err = run_main([DIGITS, "-o", tmp_path / "out.onnx", "--target-macs", "0.5"], capsys)
+    assert code == 2
+    assert_one_error(err, "--target-macs", "give --calib")
+
+
+def test_unreachable_budget_is_exit_2_and_writes_nothing(tmp_path, capsys):
+    code, _, err = run_main([DIGITS, "-o", tmp_path / "out.onnx", "--target-macs", "0.05", "--round-to", "1",
+                             "--max-group-ratio", "0.5", "--calib", CALIB, "--calib-limit", "32", "--recover", "none",
+                             "--steps", "1"], capsys)
+    assert code == 2
+    assert_one_error(err, "--target-macs 0.05: cannot be reached")
+    assert not (tmp_path / "out.onnx").exists()
