@@ -35,9 +35,10 @@ def options(**changes) -> SensitivityOptions:
 
 
 def comparable(row) -> dict:
-    """A row without its wall time (the one field that differs between runs)."""
+    """A row without its wall times (the only fields that differ between runs)."""
     values = asdict(row)
-    values.pop("seconds")
+    for name in ("seconds", "prune_s", "compare_s", "latency_s"):
+        values.pop(name)
     return values
 
 

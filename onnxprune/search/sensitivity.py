@@ -93,7 +93,10 @@ class Row:
     selection: Score  # on --calib
     judged: Score | None  # on --data
     speedup: dict[str, float] | None  # per provider: original median / pruned median
-    seconds: float  # the task's wall time in its worker
+    seconds: float  # the task's wall time in its worker: prune_s + compare_s + latency_s + loading
+    prune_s: float  # selecting (the criterion) and removing the channels, and recovery
+    compare_s: float  # running both models over --calib and --data
+    latency_s: float  # timing both models on every provider
 
 
 @dataclass
@@ -141,7 +144,9 @@ def run_sensitivity(path: str, options: SensitivityOptions) -> SensitivityResult
     """
     started = time.perf_counter()
     _check(options)
-    providers = prov.resolve(options.providers) if options.runs > 0 else []
+    providers = prov.resolve(options.providers)  # the first also computes the losses, as in validate
+    if not providers:
+        raise ConfigError("--providers auto found no usable execution provider")
     model = load_model(path)
     check_input_model(model)
     check_input_shapes(model, options.prune.input_shapes)
@@ -175,7 +180,8 @@ def run_sensitivity(path: str, options: SensitivityOptions) -> SensitivityResult
                  "calib_samples": shared.selection.num_samples,
                  "data": options.data.path if options.data else None,
                  "data_samples": shared.judge.num_samples if shared.judge else None,
-                 "providers": [prov.short_name(p) for p in providers], "runs": options.runs,
+                 "providers": [prov.short_name(p) for p in providers] if options.runs else [],
+                 "runs": options.runs,
                  "workers": options.workers, "ray": options.ray, "threads": options.threads},
         elapsed_s=time.perf_counter() - started)
 
@@ -265,35 +271,33 @@ def evaluate_task(shared: _Shared, task: Task) -> Row:
     options = replace(shared.base, channels=task.ratio, exclude=task.exclude, recover=task.recover, calib=None,
                       steps=1, verify=False, quantize=None, sparsity=None, pattern=None)
     report = prune_model(model, options, batches=feeds)
+    pruned_at = time.perf_counter()
     changed = [r.id for r in report.groups if r.after != r.before]
     if any(gid != task.group for gid in changed):
         raise OnnxPruneError(f"sensitivity: pruning group {task.group} alone changed groups {changed}")
     removed = next((r.before - r.after for r in report.groups if r.id == task.group), 0)
     pruned = model.proto.SerializeToString()
     threads = worker_threads()
+    original_session, _ = prov.create_session(shared.model, shared.providers[0], threads)
+    pruned_session, _ = prov.create_session(pruned, shared.providers[0], threads)
+    selection = score(evaluate_pair(original_session, pruned_session, shared.selection, shared.batch_size))
+    judged = (score(evaluate_pair(original_session, pruned_session, shared.judge, shared.batch_size))
+              if shared.judge is not None else None)
+    del original_session, pruned_session
+    compared_at = time.perf_counter()
     speedup = None
     if task.timed and shared.runs > 0:
         feed = next(shared.selection.batches(shared.batch_size))[0]
         speedup = {prov.short_name(p): measure_pair(shared.model, pruned, p, feed, threads, shared.warmup,
                                                      shared.runs)["speedup"] for p in shared.providers}
+    done = time.perf_counter()
     before, after = report.before, report.after
     return Row(
         group=task.group, ratio=task.ratio, recover=task.recover, removed=removed,
         macs_kept=after.macs / before.macs if before.macs else 1.0,
         params_kept=after.params / before.params if before.params else 1.0,
-        selection=score(compare(shared.model, pruned, shared.selection, shared.batch_size, threads)),
-        judged=(score(compare(shared.model, pruned, shared.judge, shared.batch_size, threads))
-                if shared.judge is not None else None),
-        speedup=speedup, seconds=time.perf_counter() - started)
-
-
-def compare(original: bytes | str, pruned: bytes | str, data: Dataset, batch_size: int, threads: int = 0,
-            provider: str = "CPUExecutionProvider") -> PairResult:
-    """Run both models over ``data`` (validate's accuracy and agreement: the same numbers ``onnxprune validate``
-    reports)."""
-    orig, _ = prov.create_session(original, provider, threads)
-    prun, _ = prov.create_session(pruned, provider, threads)
-    return evaluate_pair(orig, prun, data, batch_size)
+        selection=selection, judged=judged, speedup=speedup, seconds=done - started,
+        prune_s=pruned_at - started, compare_s=compared_at - pruned_at, latency_s=done - compared_at)
 
 
 def score(pair: PairResult) -> Score:
