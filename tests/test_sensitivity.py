@@ -14,7 +14,6 @@ import pytest
 from onnxprune.data.loader import DataOptions
 from onnxprune.pipeline import PruneOptions, prune_file
 from onnxprune.search import report as sensitivity_report
-from onnxprune.search.frontier import macs_kept
 from onnxprune.search.sensitivity import SensitivityOptions, run_sensitivity
 from onnxprune.validate import ValidateOptions, run_validation
 from cli_support import assert_one_error, run_main
@@ -89,14 +88,18 @@ def test_losses_differ_between_groups_and_grow_with_the_ratio(local_result):
     assert all(loss[(g, 0.25)] <= loss[(g, 0.5)] for g in range(4))
 
 
-def test_frontier_macs_model_matches_the_measured_macs_of_each_group_alone(local_result):
-    channels = {g.id: g.channels for g in local_result.groups}
+def test_frontier_macs_equal_the_measured_macs_of_each_group_alone(local_result):
+    """The frontier's MACs for one group alone equal what pruning it really kept; the frontier descends in budget
+    and its loss is the sum of the chosen groups' measured losses."""
     for row in local_result.rows:
-        estimated = macs_kept(local_result.layers, local_result.total_macs, {row.group: row.removed / channels[row.group]})
+        estimated = local_result.macs.cost({row.group: row.removed}) / local_result.macs.total
         assert estimated == pytest.approx(row.macs_kept, rel=1e-9), row
     points = sensitivity_report.frontier(local_result)
+    assert len(points) >= 3 and all(p.macs_kept <= p.budget for p in points)
     assert [p.macs_kept for p in points] == sorted((p.macs_kept for p in points), reverse=True)
-    assert points[-1].ratios == {g: 0.5 for g in range(4)}  # in the end every group at its highest ratio
+    loss = {(r.group, r.removed): r.selection.loss for r in local_result.rows}
+    for point in points:
+        assert point.loss == pytest.approx(sum(loss[g, n] for g, n in point.removed.items()))
 
 
 def test_share_of_macs_is_what_removing_every_channel_would_save(local_result):

@@ -70,11 +70,11 @@ def write_plots(result: SensitivityResult, folder: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5, 4))
         for method in recoveries:
             points = frontier(result, method, judged)
-            ax.plot([p.macs_kept for p in points], [100 * p.loss for p in points], marker=".",
+            ax.plot([1.0] + [p.macs_kept for p in points], [0.0] + [100 * p.loss for p in points], marker=".",
                     label=f"recovery {method}")
-        ax.set_xlabel("MACs kept (estimated: sum of single-group savings)")
+        ax.set_xlabel("MACs kept (the budget search's allocation)")
         ax.set_ylabel(f"{metric} on {where}, summed over groups (%)")
-        ax.set_title("budget/loss frontier (greedy, single-group losses added)", fontsize=9)
+        ax.set_title("budget/loss frontier (single-group losses added)", fontsize=9)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

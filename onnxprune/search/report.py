@@ -6,25 +6,54 @@ documented in the README)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 from onnxprune.formatting import table
-from onnxprune.search.frontier import Option, Point, greedy_frontier
+from onnxprune.search.allocate import Levels, allocate
 from onnxprune.search.sensitivity import SensitivityResult
 
 SCHEMA = "onnxprune.sensitivity/1"
+FRONTIER_STEPS = 20  # MACs budgets 0.95, 0.90, ... down to where no allocation reaches the budget
 METRICS = {"top1_drop": "top-1 drop", "disagreement": "1 - agreement", "1-cosine": "1 - cosine"}
 
 
-def frontier(result: SensitivityResult, recover: str | None = None, judged: bool = False) -> list[Point]:
-    """The estimated budget/loss frontier (see :mod:`onnxprune.search.frontier`) from the rows recovered with
-    ``recover`` (default: the last recovery measured, i.e. the one compared with none), by selection loss unless
-    ``judged``."""
+@dataclass
+class Point:
+    """One point of the frontier: what the budget search's allocation would pick for a MACs budget."""
+
+    budget: float  # MACs budget, a fraction of the original's
+    macs_kept: float  # the allocation's MACs (exact for the combination: search/cost.py)
+    loss: float  # estimated: the sum of the chosen single-group losses
+    removed: dict[int, int] = field(default_factory=dict)  # channels removed per group (0 left out)
+
+
+def frontier(result: SensitivityResult, recover: str | None = None, judged: bool = False,
+             budgets: int = FRONTIER_STEPS) -> list[Point]:
+    """The estimated budget/loss frontier: for MACs budgets from 1 down, the greedy allocation the budget search
+    uses (search/allocate.py) over the single-group losses of the rows recovered with ``recover`` (default: the
+    recovery compared with none), by selection loss unless ``judged``.
+
+    Why an estimate: sensitivity prunes one group at a time, so the loss of several together is not measured;
+    adding single-group losses is the usual first-order model (NNI's sensitivity pruner, SparseML's loss
+    sensitivity). MACs are exact for the combination (a layer between two pruned groups saves the product)."""
     method = recover or result.options["recover"][-1]
-    channels = {g.id: g.channels for g in result.groups}
-    options = [Option(r.group, r.ratio, r.removed / channels[r.group], (r.judged if judged else r.selection).loss)
-               for r in result.rows if r.recover == method and (r.judged is not None or not judged)]
-    return greedy_frontier(options, result.layers, result.total_macs)
+    levels = []
+    for g in result.groups:
+        rows = sorted((r for r in result.rows if r.group == g.id and r.recover == method), key=lambda r: r.removed)
+        scores = [r.judged if judged else r.selection for r in rows]
+        if rows and all(s is not None for s in scores):
+            levels.append(Levels(g.id, (0, *(r.removed for r in rows)), (0.0, *(s.loss for s in scores))))
+    total = result.macs.total
+    points = []
+    for budget in np.linspace(1.0, 0.0, budgets + 1)[1:]:
+        chosen = allocate(levels, result.macs.cost, budget * total)
+        if not chosen.reached:
+            break
+        points.append(Point(float(budget), chosen.cost / total, chosen.loss,
+                            {g: n for g, n in chosen.removed.items() if n}))
+    return points
 
 
 def _pct(x: float | None) -> str:
@@ -86,7 +115,7 @@ def to_dict(result: SensitivityResult) -> dict:
         "groups": [asdict(g) for g in result.groups],
         "rows": [asdict(r) for r in result.rows],
         "frontier": [asdict(p) for p in frontier(result)] if result.rows else [],
-        "total_macs": result.total_macs,
+        "total_macs": result.macs.total if result.macs else None,
         "frozen": [{"group": name, "reason": why} for name, why in result.frozen],
         "notes": result.notes,
         "elapsed_s": round(result.elapsed_s, 3),

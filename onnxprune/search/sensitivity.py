@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 
 import onnx
 
-from onnxprune.channels import Dim
 from onnxprune.channels.groups import ChannelGroup, GroupSet
 from onnxprune.data import sources
 from onnxprune.data.loader import DataOptions, Feed, load_data
@@ -24,13 +23,11 @@ from onnxprune.data.sources import Dataset
 from onnxprune.errors import ConfigError, DataError, InputModelError, OnnxPruneError
 from onnxprune.graph.check import check_input_model
 from onnxprune.graph.io import LoadedModel, from_proto, load_model
-from onnxprune.graph.layers import node_macs
-from onnxprune.graph.stats import check_input_shapes, model_stats
-from onnxprune.importance.scoring import weight_uses
+from onnxprune.graph.stats import check_input_shapes
 from onnxprune.pipeline import PruneOptions, find_groups, prune_model
 from onnxprune.recovery import registry as recovery_methods
 from onnxprune.search.executor import run_tasks, worker_threads
-from onnxprune.search.frontier import Layer, macs_kept
+from onnxprune.search.cost import CostModel, cost_model
 from onnxprune.validate import providers as prov
 from onnxprune.validate.accuracy import PairResult, evaluate_pair
 from onnxprune.validate.latency import measure_pair
@@ -114,8 +111,7 @@ class SensitivityResult:
     groups: list[GroupInfo]
     rows: list[Row]
     frozen: list[tuple[str, str]]  # (group, why it cannot be pruned)
-    layers: list[Layer] = field(default_factory=list)  # the frontier's MACs model
-    total_macs: float = 0.0
+    macs: CostModel | None = None  # MACs of any combination of removals (the frontier's estimate)
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -155,10 +151,9 @@ def run_sensitivity(path: str, options: SensitivityOptions) -> SensitivityResult
     shared = _shared(model, options, providers)
     groups = find_groups(model, options.prune.input_shapes)
     infos = _group_infos(groups)
-    layers = _layers(groups)
-    total = model_stats(model, options.prune.input_shapes, index=groups.index).macs or 0
+    macs = cost_model(groups, "macs")
     for info in infos:  # the share of the model's MACs that shrinks with this group's channels
-        info.macs_share = 1 - macs_kept(layers, total, {info.id: 1.0})
+        info.macs_share = 1 - macs.cost({info.id: info.channels}) / macs.total
     recoveries = [NO_RECOVERY] + [m for m in [_recovery(options)] if m != NO_RECOVERY]
     keys = {g.id: g.key for g in infos if g.key is not None}
     measured = [g for g in infos if g.key is not None and _selected(groups, g.id, options.only)]
@@ -172,7 +167,7 @@ def run_sensitivity(path: str, options: SensitivityOptions) -> SensitivityResult
     notes = [f"group {g.name}: no node or tensor name belongs to it alone, so it cannot be pruned alone; not measured"
              for g in infos if g.key is None]
     return SensitivityResult(
-        model=str(path), groups=measured, rows=rows, layers=layers, total_macs=float(total),
+        model=str(path), groups=measured, rows=rows, macs=macs,
         frozen=[(g.name, "; ".join(g.blocked) or "fewer than 2 channels") for g in groups.groups if not g.prunable],
         notes=notes,
         options={"ratios": list(options.ratios), "recover": recoveries, "criterion": options.prune.criterion,
@@ -226,23 +221,6 @@ def _nonempty(data: Dataset) -> Dataset:
 def _group_infos(groups: GroupSet) -> list[GroupInfo]:
     prunable = groups.prunable()
     return [GroupInfo(g.id, g.name, g.size, 0.0, _own_name(g, prunable)) for g in prunable]
-
-
-def _layers(groups: GroupSet) -> list[Layer]:
-    """The MACs model of the frontier: every weighted layer a prunable group runs through, with the groups on each
-    of its weight axes."""
-    axes: dict[str, dict[Dim, list[tuple[int, int]]]] = {}
-    nodes = {}
-    for group in groups.prunable():
-        for dim, node in weight_uses(groups, group):
-            nodes[node.name] = node
-            axes.setdefault(node.name, {}).setdefault(dim, []).append((group.id, group.members[dim][0].size))
-    layers = []
-    for name, by_dim in axes.items():
-        macs = node_macs(groups.index, nodes[name])
-        if macs:
-            layers.append(Layer(name, float(macs), tuple((groups.dim_sizes[d], tuple(o)) for d, o in by_dim.items())))
-    return layers
 
 
 def _selected(groups: GroupSet, group_id: int, only: tuple[str, ...]) -> bool:
