@@ -48,12 +48,12 @@ def run_tasks(fn: Callable[[S, T], R], shared: S, tasks: Sequence[T], workers: i
     Args:
         fn: a module-level function (it is pickled by reference to reach spawned processes and Ray workers). It
             must be deterministic for the results to be identical across kinds of run. It gives its onnxruntime
-            sessions :func:`worker_threads` intra-op threads. It may raise an
-            :class:`~onnxprune.errors.OnnxPruneError`: the first one (in task order of completion) is re-raised here
-            unchanged and the remaining tasks are cancelled.
+            sessions :func:`worker_threads` intra-op threads. When it raises, the first failure to arrive is
+            re-raised here and the remaining tasks are cancelled: an :class:`~onnxprune.errors.OnnxPruneError` as
+            itself from every kind of run, other exceptions as themselves locally and wrapped by Ray on Ray.
         shared: the inputs every task reads (model bytes, numpy arrays, options): pickled and shipped ONCE per
-            worker process (local: the pool's initializer; Ray: one ``ray.put`` into the object store), never once
-            per task. Tasks must not modify it.
+            worker process (local: the pool's initializer; Ray: one ``ray.put`` into the object store, fetched once
+            by each Ray worker process), never once per task. Tasks must not modify it.
         tasks: small picklable descriptions of the work (e.g. a group id and a ratio), shipped one by one.
         workers: local processes. 1 runs every task in this process (no pickling at all); N > 1 starts N processes
             with the ``spawn`` context (safe with onnxruntime's threads). Ignored with ``ray``.
