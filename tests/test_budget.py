@@ -55,7 +55,7 @@ def test_analytic_cost_equals_stats_on_the_pruned_model(name):
 
 
 def test_allocation_takes_the_cheapest_loss_per_cost_and_hands_back_what_the_goal_does_not_need():
-    cost_per_channel = {0: 10.0, 1: 10.0}
+    cost_per_channel = {0: 10.0, 1: 10.0, 2: 10.0}
 
     def cost(removed):
         return 100.0 - sum(cost_per_channel[g] * n for g, n in removed.items())
@@ -69,7 +69,8 @@ def test_allocation_takes_the_cheapest_loss_per_cost_and_hands_back_what_the_goa
     unreachable = allocate(levels, cost, 5.0)
     assert not unreachable.reached and unreachable.removed == {0: 4, 1: 4}
     assert allocate(levels, cost, 100.0).removed == {0: 0, 1: 0}
-    assert allocate(levels, cost, 70.0, fixed={0: 2}).removed == {0: 2, 1: 1}
+    # a fixed removal (--layer-channels) counts in the cost and is kept
+    assert allocate(levels, cost, 70.0, fixed={2: 1}).removed == {2: 1, 0: 0, 1: 2}
 
 
 def test_latency_table_interpolates_through_zero_and_extends_the_last_segment():
@@ -159,8 +160,6 @@ def test_latency_search_keeps_removing_while_the_measured_result_misses(tmp_path
 ])
 def test_bad_budgets_are_one_line_errors_with_exit_2(tmp_path, capsys, args, fragments):
     args = [str(CALIB) if a is None else a for a in args]
-    if "--calib" not in args and "0.5" in args and "--target-latency" not in args and len(args) == 2:
-        args += []
     code, out, err = run_main([DIGITS, "-o", tmp_path / "out.onnx", *args], capsys)
     assert code == 2, err
     assert_one_error(err, *fragments)

@@ -100,6 +100,9 @@ class BudgetRound:
     removed: int  # channels removed in this round
     loss: float  # summed calibration loss of the chosen removals, each measured alone before recovery
     output_error: float | None = None  # after this round's recovery, against the model it started from
+    choice: str = "greedy"  # the allocation taken: the greedy one, or the even one when it recovered better
+    greedy_error: float | None = None  # both allocations' output error on --calib after recovery, when compared
+    even_error: float | None = None
 
 
 @dataclass
@@ -112,6 +115,7 @@ class BudgetReport:
     rounds: list[BudgetRound] = field(default_factory=list)
     evaluations: int = 0  # loss evaluations (a group at a kept count, on the calibration data)
     timings: int = 0  # latency table entries measured
+    recoveries: int = 0  # allocations recovered on a copy to compare them
     method: str = ""  # how the cost is known: analytic, or the provider latency was measured on
 
 

@@ -10,12 +10,17 @@ the same model, with a planner in place of the ratio selection. Each round aims 
    mean on the calibration batches (removal plus the bias correction recovery makes), its outputs' relative squared
    error against the model as it is on the same batches; these evaluations are independent tasks
    (search/executor.py: local processes or Ray). Why the mean and not zero (prune/verify.py's masked original):
-   measured on the digits CNN, zeroing a few channels of the residual stream already costs a relative error near 1
-   and then saturates, so the greedy saw whole groups as cheap to empty; with the mean the losses grow with the
-   count, as they do after recovery;
+   on the digits CNN, zeroing 4 and 8 of the residual stream's 16 channels gave relative errors 0.99 and 1.29
+   (saturated), replacing them by their means 0.34 and 0.67: a loss that keeps growing with the count, as it does
+   after recovery;
 3. knows the cost of any allocation: MACs and parameters analytically (search/cost.py, exact), latency from a table
    of measured group timings (search/latency_table.py);
-4. allocates greedily, least loss per cost saved (search/allocate.py).
+4. allocates greedily, least loss per cost saved (search/allocate.py), for the final target: where the whole
+   search should end, re-planned every round on the model as the last round's recovery left it;
+5. checks that plan against the even one (every group the same fraction) at the target: both applied to a copy and
+   recovered with the run's method, the one with the lower output error on ``--calib`` is the aim (the losses of
+   groups alone are a proxy that misses what recovery can restore);
+6. walks the same share of the way towards the aim in every group, as far as this round's goal needs.
 
 Recovery after each round makes later rounds measure losses on a model that has already adapted to earlier removals
 (the iterative pruning of NetAdapt and AMC). After the planned rounds the result is measured as it is (stats for
@@ -46,6 +51,8 @@ from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.layers import FLOAT_TYPES
 from onnxprune.graph.stats import static_input_shapes
 from onnxprune.importance import registry as criteria
+from onnxprune.recovery import registry as recovery_methods
+from onnxprune.recovery.recover import output_error, recover
 from onnxprune.passes.base import Pass, run_passes
 from onnxprune.passes.job import ROUND
 from onnxprune.passes.preflight import Preflight
@@ -63,6 +70,7 @@ from onnxprune.search.latency_table import LatencyMeter, OrtMeter, interpolate, 
 DEFAULT_ROUNDS = 3  # rounds without --steps
 EXTRA_ROUNDS = 3  # at most this many more while the measured result misses the target
 LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # counts offered per group and round: these fractions removed
+MAX_LEVELS = 16  # a group with at most this many allowed counts in range is offered all of them
 DEFAULT_CAP = 0.9  # most of its channels a group may lose over the whole search, without --max-group-ratio
 
 
@@ -146,6 +154,7 @@ class _Planner:
         self.total = 0.0  # the original's cost (MACs, parameters; latency: 1)
         self.original: bytes | None = None  # latency: the original model, timed against every round's result
         self.current = 1.0  # measured cost of the model as it is, as a fraction of the original
+        self.table_scale = 1.0  # latency: measured savings over the table's predicted ones, last round
         self.removed_last = 0
 
     @property
@@ -186,17 +195,48 @@ class _Planner:
                           if max(1, math.ceil(self.sizes[g.name] * (1 - cap))) <= k < g.size] for g in searched}
         counts = {g.id: _level_counts(g.size, allowed[g.id]) for g in searched}
         levels = self._losses(state, model, searched, counts, order)
-        cost, total = self._cost(state, model, searched, allowed, order)
-        if first:
-            self.total = total
-        chosen = allocate(levels, cost, goal * self.total, fixed)
-        for gid, n in chosen.removed.items():
+        if first:  # budgets are fractions of the model as it came in (before constants were folded)
+            self.total = 1.0 if self.kind == "latency" else float(getattr(state.report.before, self.kind) or 0)
+        cost = self._cost(state, model, searched, allowed, order)
+        final = allocate(levels, cost, self.target * self.total, fixed)  # where the whole search should end
+        row = BudgetRound(goal, float("nan"), float("nan"), 0, final.loss)
+        aim = {g.id: final.removed.get(g.id, 0) for g in searched}
+        even = {g.id: g.size for g in searched}  # the even way: every group the same fraction, all the way down
+        if _walk(searched, allowed, cost, self.target * self.total, fixed, even) not in (None, final.removed):
+            # the losses of groups alone are a proxy: compare both end points as the run's recovery leaves them
+            row.greedy_error = self._after_recovery(state, model, final.removed, order)
+            row.even_error = self._after_recovery(
+                state, model, _walk(searched, allowed, cost, self.target * self.total, fixed, even), order)
+            if row.even_error < row.greedy_error:
+                aim, row.choice = even, "even"
+        removed = _walk(searched, allowed, cost, goal * self.total, fixed, aim)  # this round's share of the way
+        if removed is None:  # the goal is beyond the aim (the final plan missed the target): go all the way
+            removed = {**fixed, **aim}
+        for gid, n in removed.items():
             if n:
                 plan.remove[gid] = np.sort(order[gid][:n])
-        self.removed_last = sum(chosen.removed.values())
-        self.report.rounds.append(BudgetRound(goal, chosen.cost / self.total, float("nan"), self.removed_last,
-                                              chosen.loss))
+        row.predicted = cost(removed) / self.total
+        row.removed = self.removed_last = sum(removed.values())
+        self.report.rounds.append(row)
         return plan
+
+    def _after_recovery(self, state: PruneState, model: onnx.ModelProto, removed: dict[int, int],
+                        order: dict[int, np.ndarray]) -> float:
+        """Output error on ``--calib`` of the round's model with ``removed`` applied to a copy and the run's
+        recovery method run on it, against the round's model."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        copy = LoadedModel(proto)
+        index = _index(proto, state.options.input_shapes)
+        kept = apply_plan(GroupSet(index, state.groups.groups, state.groups.dim_sizes),
+                          ChannelPlan({gid: np.sort(order[gid][:n]) for gid, n in removed.items() if n}))
+        method = recovery_methods.chosen_method(state.options.recover, calibrated=True).name
+        result = recover(model, copy, kept, state.batches, method,
+                         {d.tensor for d in kept if index.is_constant(d.tensor)})
+        self.report.recoveries += 1
+        if result.output_error_after is not None:
+            return result.output_error_after
+        return output_error(model, copy, state.batches)
 
     def _losses(self, state: PruneState, model: onnx.ModelProto, searched: list[ChannelGroup],
                 counts: dict[int, list[int]], order: dict[int, np.ndarray]) -> list[Levels]:
@@ -220,10 +260,9 @@ class _Planner:
 
     def _cost(self, state: PruneState, model: onnx.ModelProto, searched: list[ChannelGroup],
               allowed: dict[int, list[int]], order: dict[int, np.ndarray]):
-        """(cost of an allocation, the current model's cost); latency costs are fractions of the original's."""
+        """The cost of an allocation: MACs or parameters, or latency as a fraction of the original's."""
         if self.kind != "latency":
-            costs = cost_model(state.groups, self.kind)
-            return costs.cost, costs.total
+            return cost_model(state.groups, self.kind).cost
         counts = {g.id: table_counts(g.size, allowed[g.id]) for g in searched}
         feed = {name: value[:1] for name, value in state.batches[0].items()}
         candidates = _pruned_copies(model, state.groups, [(g.id, order[g.id][:n]) for g in searched
@@ -231,13 +270,13 @@ class _Planner:
         ratios = iter(self.meter.ratios(model.SerializeToString(), candidates, feed))
         self.report.timings += sum(len(c) for c in counts.values())
         points = {g.id: {n: next(ratios) - 1.0 for n in counts[g.id]} for g in searched}
-        current = self.current
+        current, scale = self.current, self.table_scale
 
         def cost(removed: dict[int, int]) -> float:
             change = sum(interpolate(points[gid], n) for gid, n in removed.items() if n and gid in points)
-            return current * (1.0 + change)
+            return current * (1.0 + scale * change)
 
-        return cost, 1.0
+        return cost
 
     def measure(self, state: PruneState) -> None:
         """The round's result as it is: stats for MACs and parameters, a timing against the original for latency."""
@@ -247,18 +286,47 @@ class _Planner:
         else:
             after = state.report.after
             reached = (after.macs if self.kind == "macs" else after.params) / self.total
+        last = self.report.rounds[-1]
+        promised, saved = self.current - last.predicted, self.current - reached
+        if self.kind == "latency" and promised > 0 and saved > 0:  # the table's error this round corrects the next
+            self.table_scale = min(4.0, max(0.25, self.table_scale * saved / promised))
         self.current = reached
         self.report.reached = reached
-        last = self.report.rounds[-1]
         last.reached = reached
         if state.report.recovery is not None:
             last.output_error = state.report.recovery.output_error_after
 
 
+def _walk(searched: list[ChannelGroup], allowed: dict[int, list[int]], cost, goal: float, fixed: dict[int, int],
+          aim: dict[int, int]) -> dict[int, int] | None:
+    """Removals the same share of the way from nothing to ``aim`` (channels per group) in every searched group
+    (each at its nearest allowed count), at the smallest share whose cost is within the goal; None when even the
+    whole way misses it. Aiming at every group's size gives the even allocation (the same fraction everywhere)."""
+
+    def removal(share: float) -> dict[int, int]:
+        out = dict(fixed)
+        for g in searched:
+            target = g.size - share * aim.get(g.id, 0)
+            out[g.id] = g.size - min([*allowed[g.id], g.size], key=lambda k: (abs(k - target), k))
+        return out
+
+    if cost(removal(1.0)) > goal:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (low, middle) if cost(removal(middle)) <= goal else (middle, high)
+    return removal(high)
+
+
 def _level_counts(size: int, allowed: list[int]) -> list[int]:
-    """Channels to remove at each offered level: the allowed kept count nearest each fraction of :data:`LEVELS`."""
-    if not allowed:
-        return []
+    """Channels to remove at each offered level: every allowed kept count down to the deepest fraction of
+    :data:`LEVELS` when there are at most :data:`MAX_LEVELS` of them (small groups: the hand-back can then stop
+    close to the goal), else the allowed kept count nearest each fraction."""
+    deepest = size * (1 - max(LEVELS))
+    fine = [k for k in allowed if k >= deepest - 0.5]
+    if len(fine) <= MAX_LEVELS:
+        return sorted(size - k for k in fine)
     keeps = {min(allowed, key=lambda k: (abs(k - size * (1 - f)), k)) for f in LEVELS}
     return sorted(size - k for k in keeps)
 
