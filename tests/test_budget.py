@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from cli_support import assert_one_error, run_main
 from conftest import MODELS
 
@@ -175,7 +174,7 @@ def test_latency_search_keeps_removing_while_the_measured_result_misses(tmp_path
 ])
 def test_bad_budgets_are_one_line_errors_with_exit_2(tmp_path, capsys, args, fragments):
     args = [str(CALIB) if a is None else a for a in args]
-    code, out, err = run_main([DIGITS, "-o", tmp_path / "out.onnx", *args], capsys)
+    code, _, err = run_main([DIGITS, "-o", tmp_path / "out.onnx", *args], capsys)
     assert code == 2, err
     assert_one_error(err, *fragments)
     assert not (tmp_path / "out.onnx").exists()
@@ -196,7 +195,7 @@ def _top1(path, inputs):
 def test_budget_beats_uniform_layer_scope_at_equal_macs_on_calibration_data(tmp_path):
     """The trained digits CNN: uniform --channels 0.5 (one shot) against --target-macs at the MACs it kept, both
     with lsq recovery; measured top-1 agreement with the original on the calibration inputs."""
-    base = dict(round_to=1, calib=str(CALIB))
+    base = {"round_to": 1, "calib": str(CALIB)}
     prune_file(DIGITS, tmp_path / "uniform.onnx", PruneOptions(channels=0.5, **base))
     kept = _measured(tmp_path / "uniform.onnx", "macs") / _measured(DIGITS, "macs")
     prune_to_budget(DIGITS, tmp_path / "budget.onnx", PruneOptions(target_macs=kept, **base))

@@ -33,13 +33,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from onnxprune.formatting import table  # noqa: E402
-from onnxprune.graph.io import load_model  # noqa: E402
-from onnxprune.graph.stats import model_stats  # noqa: E402
-from onnxprune.passes.state import PruneOptions  # noqa: E402
-from onnxprune.pipeline import prune_file  # noqa: E402
-from onnxprune.search.budget import prune_to_budget  # noqa: E402
-from onnxprune.validate.providers import create_session  # noqa: E402
+from onnxprune.formatting import table
+from onnxprune.graph.io import load_model
+from onnxprune.graph.stats import model_stats
+from onnxprune.passes.state import PruneOptions
+from onnxprune.pipeline import prune_file
+from onnxprune.search.budget import prune_to_budget
+from onnxprune.validate.providers import create_session
 
 MODELS = ROOT / "models"
 
@@ -65,7 +65,7 @@ def digits(folder: Path, rounds: int) -> None:
     calib = str(MODELS / "digits_calib.npz")
     val = np.load(MODELS / "digits_val.npz")
     calib_inputs = np.load(calib)["input"]
-    base = dict(round_to=1, calib=calib)
+    base = {"round_to": 1, "calib": calib}
     uniform = run("--channels 0.5 (layer scope)", prune_file, source, folder / "uniform.onnx",
                   PruneOptions(channels=0.5, **base))
     kept = macs(uniform[1]) / macs(source)
@@ -76,9 +76,11 @@ def digits(folder: Path, rounds: int) -> None:
     truth, reference = val["labels"], top1(source, calib_inputs)
     rows = [["original", "1.000", f"{100 * np.mean(top1(source, val['input']) == truth):.1f}", "100.0", "-"]]
     for label, path, seconds, _ in runs:
-        rows.append([label, f"{macs(path) / macs(source):.3f}", f"{100 * np.mean(top1(path, val['input']) == truth):.1f}",
+        held_out = 100 * np.mean(top1(path, val["input"]) == truth)
+        rows.append([label, f"{macs(path) / macs(source):.3f}", f"{held_out:.1f}",
                      f"{100 * np.mean(top1(path, calib_inputs) == reference):.1f}", f"{seconds:.1f}"])
-    print(f"\ndigits_resnet.onnx, --round-to 1, --calib {calib} (lsq recovery), search rounds {rounds}")
+    print(f"\ndigits_resnet.onnx, --round-to 1, --calib {calib} (lsq recovery), "
+          f"search rounds {rounds if rounds > 1 else 3}")
     print(table(["pruning", "MACs kept", "held-out top-1 %", "calib agreement %", "seconds"], rows))
     for label, _, _, report in runs[1:]:
         ratios = ", ".join(f"{g.before}->{g.after}" for g in report.groups if not g.blocked)
@@ -113,7 +115,7 @@ def mobilenet(folder: Path, fullsize: Path, latency: float, runs: int, threads: 
         ensure_models(fullsize, names=("mobilenetv2",))
     calib = folder / "calib.npz"
     np.savez(calib, input=np.random.default_rng(1).standard_normal((samples, 3, 224, 224)).astype(np.float32))
-    base = dict(calib=str(calib), recover="none", latency_threads=threads)
+    base = {"calib": str(calib), "recover": "none", "latency_threads": threads}
     uniform = run("--channels 0.3 (layer scope)", prune_file, source, folder / "m_uniform.onnx",
                   PruneOptions(channels=0.3, **base))
     kept = round(macs(uniform[1]) / macs(source), 4)
@@ -127,7 +129,7 @@ def mobilenet(folder: Path, fullsize: Path, latency: float, runs: int, threads: 
              "-" if report.budget is None else f"{report.budget.reached:.3f}", f"{seconds:.0f}"]
             for (label, path, seconds, report), speed in zip(jobs, speedups[1:])]
     print(f"\nmobilenetv2_224.onnx (random weights), ORT CPU threads={threads or 'default'}, {runs} interleaved runs "
-          f"per model, --calib {samples} random samples, --recover none, search rounds {rounds}")
+          f"per model, --calib {samples} random samples, --recover none, search rounds {rounds if rounds > 1 else 3}")
     print(table(["pruning", "MACs kept", "speedup (median)", "search's own measure", "seconds"], rows))
     for label, _, _, report in jobs[1:]:
         print(f"  {label}: path " + " ".join(f"{r.goal:.3f}->{r.reached:.3f}" for r in report.budget.rounds))

@@ -51,17 +51,17 @@ from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.layers import FLOAT_TYPES
 from onnxprune.graph.stats import static_input_shapes
 from onnxprune.importance import registry as criteria
-from onnxprune.recovery import registry as recovery_methods
-from onnxprune.recovery.recover import output_error, recover
 from onnxprune.passes.base import Pass, run_passes
 from onnxprune.passes.job import ROUND
 from onnxprune.passes.preflight import Preflight
 from onnxprune.passes.state import BudgetReport, BudgetRound, PruneOptions, PruneReport, PruneState
 from onnxprune.passes.steps import merge_rounds
 from onnxprune.pipeline import prune_file
-from onnxprune.prune.structured import ChannelPlan, allowed_keeps, apply_plan, round_keep
 from onnxprune.prune.structured import _matches  # the --exclude/--layer-channels glob test, shared
+from onnxprune.prune.structured import ChannelPlan, allowed_keeps, apply_plan, round_keep
 from onnxprune.prune.verify import in_memory
+from onnxprune.recovery import registry as recovery_methods
+from onnxprune.recovery.recover import output_error, recover
 from onnxprune.search.allocate import Levels, allocate
 from onnxprune.search.cost import cost_model
 from onnxprune.search.executor import run_tasks, worker_threads
