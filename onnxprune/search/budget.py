@@ -202,11 +202,11 @@ class _Planner:
         row = BudgetRound(goal, float("nan"), float("nan"), 0, final.loss)
         aim = {g.id: final.removed.get(g.id, 0) for g in searched}
         even = {g.id: g.size for g in searched}  # the even way: every group the same fraction, all the way down
-        if _walk(searched, allowed, cost, self.target * self.total, fixed, even) not in (None, final.removed):
+        even_end = _walk(searched, allowed, cost, self.target * self.total, fixed, even)
+        if even_end not in (None, final.removed):
             # the losses of groups alone are a proxy: compare both end points as the run's recovery leaves them
             row.greedy_error = self._after_recovery(state, model, final.removed, order)
-            row.even_error = self._after_recovery(
-                state, model, _walk(searched, allowed, cost, self.target * self.total, fixed, even), order)
+            row.even_error = self._after_recovery(state, model, even_end, order)
             if row.even_error < row.greedy_error:
                 aim, row.choice = even, "even"
         removed = _walk(searched, allowed, cost, goal * self.total, fixed, aim)  # this round's share of the way
@@ -234,9 +234,9 @@ class _Planner:
         result = recover(model, copy, kept, state.batches, method,
                          {d.tensor for d in kept if index.is_constant(d.tensor)})
         self.report.recoveries += 1
-        if result.output_error_after is not None:
-            return result.output_error_after
-        return output_error(model, copy, state.batches)
+        if result.output_error_after is None:  # --recover none
+            return output_error(model, copy, state.batches)
+        return result.output_error_after if result.kept else result.output_error_before  # an undone recovery
 
     def _losses(self, state: PruneState, model: onnx.ModelProto, searched: list[ChannelGroup],
                 counts: dict[int, list[int]], order: dict[int, np.ndarray]) -> list[Levels]:
