@@ -125,7 +125,8 @@ def _chosen_ratios(report: PruneReport) -> dict[str, float]:
 def _budget_dict(report: PruneReport) -> dict:
     b = report.budget
     return {"kind": b.kind, "target": b.target, "reached": b.reached, "method": b.method,
-            "evaluations": b.evaluations, "timings": b.timings, "ratios": _chosen_ratios(report),
+            "evaluations": b.evaluations, "timings": b.timings, "recoveries": b.recoveries,
+            "ratios": _chosen_ratios(report),
             "rounds": [vars(r) for r in b.rounds]}
 
 

@@ -5,6 +5,8 @@ saved file; a latency budget is met as the injected meter measures it (no timing
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,6 +22,7 @@ from onnxprune.graph.stats import model_stats, static_input_shapes
 from onnxprune.passes.state import PruneOptions
 from onnxprune.pipeline import prune_file
 from onnxprune.prune.structured import ChannelPlan, apply_plan
+from onnxprune.report import prune_dict
 from onnxprune.search.allocate import Levels, allocate
 from onnxprune.search.budget import prune_to_budget
 from onnxprune.search.cost import cost_model
@@ -100,6 +103,9 @@ def test_result_meets_the_budget_as_stats_measure_the_saved_model(tmp_path, kind
     assert len(path) == 2 and path[0].reached > path[1].reached == pytest.approx(measured)
     assert all(r.predicted == pytest.approx(r.reached) for r in path)  # the analytic cost is exact
     assert sum(r.removed for r in path) == sum(g.before - g.after for g in report.groups) > 0
+    data = json.loads(json.dumps(prune_dict(report)))["budget"]  # the report's JSON section
+    assert data["kind"] == kind and data["reached"] == report.budget.reached and len(data["rounds"]) == 2
+    assert data["ratios"] == {g.name: round(1 - g.after / g.before, 4) for g in report.groups if not g.blocked}
 
 
 class FakeMeter:
