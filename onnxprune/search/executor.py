@@ -13,11 +13,12 @@ import concurrent.futures as cf
 import contextlib
 import contextvars
 import multiprocessing
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
+
+from threadpoolctl import threadpool_limits
 
 from onnxprune.errors import ConfigError, OnnxPruneError
 from onnxprune.progress import progress as progress_bar
@@ -27,7 +28,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 RAY_HINT = "pip install 'onnxprune[ray]' (or pip install 'ray[default]')"
-BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 MAX_RETRIES = 3  # Ray: re-runs of a task whose worker died (a raised exception is never retried)
 
 _THREADS: contextvars.ContextVar[int] = contextvars.ContextVar("onnxprune_worker_threads", default=0)
@@ -91,14 +91,22 @@ def _no_bar(n: int = 1) -> None:
     """The progress callback when no bar is wanted."""
 
 
+def _blas_threads(threads: int) -> contextlib.AbstractContextManager:
+    """numpy's BLAS (recovery's solvers) limited to the worker's threads, in every kind of worker. Why: N workers
+    with one BLAS thread per core each fight over N cores, and a BLAS sum over a different number of threads
+    rounds differently: lsq results on large layers would then differ between 1 local worker, N, and Ray."""
+    return threadpool_limits(limits=threads, user_api="blas") if threads > 0 else contextlib.nullcontext()
+
+
 def _run_here(fn: Callable, shared: Any, tasks: list, threads: int, advance: Callable[[int], None]) -> list:
     token = _THREADS.set(threads)
     try:
-        results = []
-        for task in tasks:
-            results.append(fn(shared, task))
-            advance(1)
-        return results
+        with _blas_threads(threads):
+            results = []
+            for task in tasks:
+                results.append(fn(shared, task))
+                advance(1)
+            return results
     finally:
         _THREADS.reset(token)
 
@@ -111,6 +119,8 @@ def _init_worker(shared: Any, threads: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _SHARED["value"] = shared
     _THREADS.set(threads)
+    if threads > 0:
+        threadpool_limits(limits=threads, user_api="blas")  # set on the call, for the life of this process
 
 
 def _pool_task(fn: Callable, task: Any) -> Any:
@@ -123,7 +133,7 @@ def _run_pool(fn: Callable, shared: Any, tasks: list, workers: int, threads: int
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=_init_worker, initargs=(shared, threads))
     try:
-        with _blas_threads(threads), _signals_deferred():  # the workers start during these submits
+        with _signals_deferred():  # the workers start during these submits
             futures = [pool.submit(_pool_task, fn, task) for task in tasks]
         for future in cf.as_completed(futures):
             future.result()  # the first failure stops the run
@@ -168,20 +178,6 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])  # the handler this process had, now
 
 
-@contextlib.contextmanager
-def _blas_threads(threads: int) -> Iterator[None]:
-    """numpy's BLAS (recovery's solvers) would start one thread per core in every worker: N workers on N cores
-    then fight over them. Spawned workers inherit the environment, so set the usual variables while they start,
-    unless the user set them."""
-    names = [n for n in BLAS_THREAD_VARIABLES if n not in os.environ] if threads > 0 else []
-    os.environ.update({n: str(threads) for n in names})
-    try:
-        yield
-    finally:
-        for name in names:
-            os.environ.pop(name, None)
-
-
 def _stop(pool: cf.ProcessPoolExecutor, others: set) -> None:
     """Cancel what has not started and terminate the worker processes now (not after their current task): every
     live child process that ``others`` (the children from before the pool) does not hold."""
@@ -216,7 +212,8 @@ def _ray_task(fn: Callable, shared: list, task: Any, threads: int) -> Any:
         _SHARED.update(ray_ref=ref.hex(), value=ray.get(ref))
     token = _THREADS.set(threads)
     try:
-        return fn(_SHARED["value"], task)
+        with _blas_threads(threads):
+            return fn(_SHARED["value"], task)
     finally:
         _THREADS.reset(token)
 
