@@ -207,7 +207,7 @@ class _Planner:
             # the losses of groups alone are a proxy: compare both end points as the run's recovery leaves them
             row.greedy_error = self._after_recovery(state, model, final.removed, order)
             row.even_error = self._after_recovery(state, model, even_end, order)
-            if row.even_error < row.greedy_error:
+            if row.even_error <= row.greedy_error:  # a tie goes to the even aim, the one that needs no proxy
                 aim, row.choice = even, "even"
         removed = _walk(searched, allowed, cost, goal * self.total, fixed, aim)  # this round's share of the way
         if removed is None:  # the goal is beyond the aim (the final plan missed the target): go all the way
