@@ -57,7 +57,7 @@ def write_plots(result: SensitivityResult, folder: str | Path) -> list[Path]:
                 rows = sorted((r for r in result.rows if r.group == g.id and r.recover == method),
                               key=lambda r: r.ratio)
                 ax.plot([r.ratio for r in rows], [100 * (r.judged if judged else r.selection).loss for r in rows],
-                        marker="o", label=f"{g.name} ({100 * g.macs_share:.0f}% MACs)")
+                        marker="o", label=g.name if g.macs_share is None else f"{g.name} ({100 * g.macs_share:.0f}% MACs)")
             ax.set_title(f"recovery: {method}")
             ax.set_xlabel("ratio of the group's channels removed")
             ax.grid(alpha=0.3)

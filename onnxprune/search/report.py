@@ -38,6 +38,8 @@ def frontier(result: SensitivityResult, recover: str | None = None, judged: bool
     Why an estimate: sensitivity prunes one group at a time, so the loss of several together is not measured;
     adding single-group losses is the usual first-order model (NNI's sensitivity pruner, SparseML's loss
     sensitivity). MACs are exact for the combination (a layer between two pruned groups saves the product)."""
+    if result.macs is None:
+        return []
     method = recover or result.options["recover"][-1]
     levels = []
     for g in result.groups:
@@ -88,7 +90,7 @@ def render(result: SensitivityResult) -> str:
             if base is None:
                 continue
             line = [g.name, str(g.channels), _pct(g.macs_share), f"{ratio:g}", str(base.removed),
-                    f"{base.macs_kept:.3f}"]
+                    "-" if base.macs_kept is None else f"{base.macs_kept:.3f}"]
             line += [_pct(by_key[(g.id, ratio, m)].selection.loss) for m in recoveries]
             if base.judged is not None:
                 line += [_pct(by_key[(g.id, ratio, m)].judged.loss) for m in recoveries]

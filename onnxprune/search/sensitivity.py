@@ -85,7 +85,7 @@ class Row:
     ratio: float
     recover: str
     removed: int  # channels removed (rounding may remove fewer than asked, or none)
-    macs_kept: float  # whole model's MACs after / before
+    macs_kept: float | None  # whole model's MACs after / before (None: unknown, dynamic shapes)
     params_kept: float
     selection: Score  # on --calib
     judged: Score | None  # on --data
@@ -101,7 +101,7 @@ class GroupInfo:
     id: int
     name: str
     channels: int
-    macs_share: float  # share of the model's MACs that shrinks with this group's channels
+    macs_share: float | None  # share of the model's MACs that shrinks with this group's channels (None: unknown)
     key: str | None  # the name that addresses this group alone (None: no such name: not measured)
 
 
@@ -151,9 +151,14 @@ def run_sensitivity(path: str, options: SensitivityOptions) -> SensitivityResult
     shared = _shared(model, options, providers)
     groups = find_groups(model, options.prune.input_shapes)
     infos = _group_infos(groups)
-    macs = cost_model(groups, "macs")
+    notes = []
+    try:
+        macs: CostModel | None = cost_model(groups, "macs")
+    except ConfigError:  # dynamic shapes: no MACs without --input-shape
+        macs = None
+        notes.append("MACs unknown (dynamic shapes): give --input-shape for MACs shares, MACs kept and the frontier")
     for info in infos:  # the share of the model's MACs that shrinks with this group's channels
-        info.macs_share = 1 - macs.cost({info.id: info.channels}) / macs.total
+        info.macs_share = 1 - macs.cost({info.id: info.channels}) / macs.total if macs else None
     recoveries = [NO_RECOVERY] + [m for m in [_recovery(options)] if m != NO_RECOVERY]
     keys = {g.id: g.key for g in infos if g.key is not None}
     measured = [g for g in infos if g.key is not None and _selected(groups, g.id, options.only)]
@@ -164,8 +169,8 @@ def run_sensitivity(path: str, options: SensitivityOptions) -> SensitivityResult
              for g in measured for ratio in options.ratios for method in recoveries]
     rows = run_tasks(evaluate_task, shared, tasks, workers=options.workers, ray=options.ray,
                      progress="sensitivity", threads=options.threads)
-    notes = [f"group {g.name}: no node or tensor name belongs to it alone, so it cannot be pruned alone; not measured"
-             for g in infos if g.key is None]
+    notes += [f"group {g.name}: no node or tensor name belongs to it alone, so it cannot be pruned alone; not measured"
+              for g in infos if g.key is None]
     return SensitivityResult(
         model=str(path), groups=measured, rows=rows, macs=macs,
         frozen=[(g.name, "; ".join(g.blocked) or "fewer than 2 channels") for g in groups.groups if not g.prunable],
@@ -272,7 +277,7 @@ def evaluate_task(shared: _Shared, task: Task) -> Row:
     before, after = report.before, report.after
     return Row(
         group=task.group, ratio=task.ratio, recover=task.recover, removed=removed,
-        macs_kept=after.macs / before.macs if before.macs else 1.0,
+        macs_kept=after.macs / before.macs if before.macs and after.macs is not None else None,
         params_kept=after.params / before.params if before.params else 1.0,
         selection=selection, judged=judged, speedup=speedup, seconds=done - started,
         prune_s=pruned_at - started, compare_s=compared_at - pruned_at, latency_s=done - compared_at)
