@@ -80,7 +80,7 @@ def digits(folder: Path, rounds: int) -> None:
         rows.append([label, f"{macs(path) / macs(source):.3f}", f"{held_out:.1f}",
                      f"{100 * np.mean(top1(path, calib_inputs) == reference):.1f}", f"{seconds:.1f}"])
     print(f"\ndigits_resnet.onnx, --round-to 1, --calib {calib} (lsq recovery), "
-          f"search rounds {rounds if rounds > 1 else 3}")
+          f"search rounds {rounds}")
     print(table(["pruning", "MACs kept", "held-out top-1 %", "calib agreement %", "seconds"], rows))
     for label, _, _, report in runs[1:]:
         ratios = ", ".join(f"{g.before}->{g.after}" for g in report.groups if not g.blocked)
@@ -129,7 +129,7 @@ def mobilenet(folder: Path, fullsize: Path, latency: float, runs: int, threads: 
              "-" if report.budget is None else f"{report.budget.reached:.3f}", f"{seconds:.0f}"]
             for (label, path, seconds, report), speed in zip(jobs, speedups[1:])]
     print(f"\nmobilenetv2_224.onnx (random weights), ORT CPU threads={threads or 'default'}, {runs} interleaved runs "
-          f"per model, --calib {samples} random samples, --recover none, search rounds {rounds if rounds > 1 else 3}")
+          f"per model, --calib {samples} random samples, --recover none, search rounds {rounds}")
     print(table(["pruning", "MACs kept", "speedup (median)", "search's own measure", "seconds"], rows))
     for label, _, _, report in jobs[1:]:
         print(f"  {label}: path " + " ".join(f"{r.goal:.3f}->{r.reached:.3f}" for r in report.budget.rounds))
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=100, help="interleaved timed runs per model")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=1, help="--steps for the searches (1: the default, 3 rounds)")
+    ap.add_argument("--rounds", type=int, default=3, help="--steps for the searches (default 3, as the CLI's)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tools"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ from onnxprune.graph.io import default_output_path
 from onnxprune.pipeline import PruneOptions, prune_file
 from onnxprune.quantize import kinds as quant_kinds
 from onnxprune.recovery import registry as recovery_methods
-from onnxprune.search.budget import prune_to_budget
+from onnxprune.search.budget import DEFAULT_ROUNDS, prune_to_budget
 from onnxprune.report import check_json_target, prune_dict, render_prune, write_json
 from onnxprune.validate import ValidateOptions, run_validation
 
@@ -65,7 +65,7 @@ class RoundToType(click.ParamType):
               help="Use at most this many calibration samples.")
 @click.option("--recover", "recover_method", type=click.Choice(recovery_methods.names()),
               help=recovery_methods.cli_help())
-@click.option("--steps", type=click.IntRange(min=1), default=1, show_default="1; with a --target-*: 3",
+@click.option("--steps", type=click.IntRange(min=1), show_default=f"1; with a --target-*: {DEFAULT_ROUNDS}",
               help="Remove the channels in N equal rounds, recovering after each (with --calib); with a --target-*, "
                    "the search's planned rounds.")
 @click.option("--target-macs", type=BUDGET, help="Budget instead of ratios: keep at most this fraction of the MACs; "
@@ -91,7 +91,7 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
                   pattern: tuple[int, int] | None, scope: str, criterion: str, reduction: str,
                   round_to: int | None, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
-                  recover_method: str | None, steps: int, target_macs: float | None,
+                  recover_method: str | None, steps: int | None, target_macs: float | None,
                   target_params: float | None, target_latency: float | None, workers: int, ray: str | None,
                   quantize_kind: str | None, quant_method: str,
                   verify: bool, do_validate: bool, input_shapes,
@@ -106,6 +106,8 @@ def prune_command(model: str, output: str | None, channels: float | None, sparsi
         do_validate = True
     if pattern and sparsity is not None:
         raise ConfigError("--pattern sets the sparsity itself; do not combine it with --sparsity")
+    if steps is None:
+        steps = DEFAULT_ROUNDS if budget else 1
     out = Path(output) if output else default_output_path(Path(model))
     protected = (model, out, out.with_name(out.name + ".data"))
     if json_path:

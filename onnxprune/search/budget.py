@@ -67,7 +67,7 @@ from onnxprune.search.cost import cost_model
 from onnxprune.search.executor import run_tasks, worker_threads
 from onnxprune.search.latency_table import LatencyMeter, OrtMeter, interpolate, table_counts
 
-DEFAULT_ROUNDS = 3  # rounds without --steps
+DEFAULT_ROUNDS = 3  # the CLI's rounds without --steps (PruneOptions.steps, 1, for library callers)
 EXTRA_ROUNDS = 3  # at most this many more while the measured result misses the target
 LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # counts offered per group and round: these fractions removed
 MAX_LEVELS = 16  # a group with at most this many allowed counts in range is offered all of them
@@ -100,7 +100,7 @@ class BudgetSearch(Pass[PruneState]):
     def run(self, state: PruneState) -> None:
         options = state.options
         (kind, target), = options.budgets.items()
-        planned = options.steps if options.steps > 1 else DEFAULT_ROUNDS
+        planned = options.steps
         meter = self.meter or (OrtMeter(options.latency_provider, options.latency_threads) if kind == "latency"
                                else None)
         planner = _Planner(kind, target, options, meter)
