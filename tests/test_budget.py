@@ -145,6 +145,17 @@ def test_latency_budget_is_met_as_the_meter_measures_it(tmp_path):
     assert report.budget.method == "fake meter" and report.budget.timings > 0
 
 
+def test_excluded_groups_stay_whole_and_layer_channels_take_their_ratio(tmp_path):
+    options = PruneOptions(round_to=1, calib=str(CALIB), calib_limit=32, recover="none", steps=2, criterion="l1",
+                           target_macs=0.5, exclude=("/layer2/conv1/*",), layer_channels=(("/stem/*", 0.25),))
+    report = prune_to_budget(DIGITS, tmp_path / "out.onnx", options)
+    groups = {g.name: g for g in report.groups}
+    excluded, fixed = groups["/layer2/conv1/Conv"], groups["/stem/stem.0/Conv, /layer1/conv2/Conv"]
+    assert excluded.after == excluded.before == 32 and excluded.note == "excluded by --exclude"
+    assert (fixed.before, fixed.after) == (16, 12) and "--layer-channels" in fixed.note
+    assert _measured(tmp_path / "out.onnx", "macs") <= 0.5 * _measured(DIGITS, "macs")
+
+
 def _latency_search(tmp_path, meter: FakeMeter):
     options = PruneOptions(round_to=1, calib=str(CALIB), calib_limit=32, recover="none", steps=2, criterion="l1",
                            target_latency=0.6)
