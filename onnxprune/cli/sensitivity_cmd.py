@@ -88,3 +88,17 @@ def sensitivity_command(model: str, calib: str, calib_limit: int, ratios: tuple[
 
         for path in write_plots(result, plot_dir):
             click.echo(f"plot: {path}")
+
+
+HELP_HERE = {
+    "data": "Held-out data (.npz or image folder) the results are judged on; never used to select. Default: none "
+            "(selection data only).",
+    "threads": "onnxruntime intra-op threads per worker [default here: 1].",
+    "limit": "Use at most this many --data samples.",
+}
+for _param in sensitivity_command.params:  # the shared validation options, as they apply here
+    if _param.name in NOT_HERE:
+        _param.hidden = True
+    elif _param.name in HELP_HERE:
+        _param.help = HELP_HERE[_param.name]
+        _param.show_default = False
