@@ -111,8 +111,8 @@ def test_result_meets_the_budget_as_stats_measure_the_saved_model(tmp_path, kind
 class FakeMeter:
     """Latency = a fixed overhead plus time proportional to MACs (a memory-bound part that pruning does not
     shrink), computed from graph/stats.py, so tests know the truth without timing anything. ``table_bias`` scales
-    the savings the per-group table reports and ``offset`` is added to the measurements of whole results (one
-    candidate) from the ``offset_from``-th on, to make the table wrong on purpose."""
+    the savings the per-group table reports and ``offset`` is added to the measurements of whole results from the
+    ``offset_from``-th on, to make the table wrong on purpose."""
 
     name = "fake meter"
 
@@ -127,11 +127,12 @@ class FakeMeter:
 
     def ratios(self, reference, candidates, feed):
         base = self.latency(reference)
-        out = [self.latency(c) / base for c in candidates]
-        if len(out) == 1:  # the search's measurement of a round's result
-            self.measured += 1
-            return [out[0] + (self.offset if self.measured >= self.offset_from else 0.0)]
-        return [1 - (1 - r) * self.table_bias for r in out]
+        return [1 - (1 - self.latency(c) / base) * self.table_bias for c in candidates]
+
+    def measure(self, reference, model, feed):
+        self.measured += 1
+        return self.latency(model) / self.latency(reference) + (self.offset if self.measured >= self.offset_from
+                                                               else 0.0)
 
 
 def test_latency_budget_is_met_as_the_meter_measures_it(tmp_path):

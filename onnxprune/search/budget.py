@@ -282,7 +282,7 @@ class _Planner:
         """The round's result as it is: stats for MACs and parameters, a timing against the original for latency."""
         if self.kind == "latency":
             feed = {name: value[:1] for name, value in state.batches[0].items()}
-            reached = self.meter.ratios(self.original, [in_memory(state.model).SerializeToString()], feed)[0]
+            reached = self.meter.measure(self.original, in_memory(state.model).SerializeToString(), feed)
         else:
             after = state.report.after
             reached = (after.macs if self.kind == "macs" else after.params) / self.total

@@ -21,7 +21,8 @@ from onnxprune.validate.providers import create_session, resolve
 
 TABLE_COUNTS = (0.25, 0.5)  # table entries per group: these fractions of its current channels removed
 WARMUP = 3
-RUNS = 15  # interleaved pairs per timing (min of each side: the least disturbed run)
+RUNS = 15  # interleaved pairs per table entry (min of each side: the least disturbed run)
+MEASURE_RUNS = 60  # interleaved pairs when a round's result is measured against the original (median of each side)
 
 
 class LatencyMeter(Protocol):
@@ -30,7 +31,10 @@ class LatencyMeter(Protocol):
     name: str
 
     def ratios(self, reference: bytes, candidates: Iterable[bytes], feed: Feed) -> list[float]:
-        """Latency of each candidate (a serialized model) over the reference's, on ``feed``."""
+        """Latency of each candidate (a serialized model) over the reference's, on ``feed``: table entries."""
+
+    def measure(self, reference: bytes, model: bytes, feed: Feed) -> float:
+        """Latency of ``model`` over the reference's, measured with care: whether the budget is met."""
 
 
 class OrtMeter:
@@ -44,21 +48,24 @@ class OrtMeter:
 
     def ratios(self, reference: bytes, candidates: Iterable[bytes], feed: Feed) -> list[float]:
         ref, _ = create_session(reference, self.provider, self.threads)
-        out = []
-        for candidate in candidates:
-            sess, _ = create_session(candidate, self.provider, self.threads)
-            for _ in range(self.warmup):
-                ref.run(None, feed)
-                sess.run(None, feed)
-            times: dict[int, list[float]] = {0: [], 1: []}
-            for i in range(self.runs):
-                for key, s in ((0, ref), (1, sess)) if i % 2 == 0 else ((1, sess), (0, ref)):
-                    start = time.perf_counter()
-                    s.run(None, feed)
-                    times[key].append(time.perf_counter() - start)
-            out.append(min(times[1]) / min(times[0]))
-            del sess
-        return out
+        return [self._ratio(ref, candidate, feed, self.runs, min) for candidate in candidates]
+
+    def measure(self, reference: bytes, model: bytes, feed: Feed) -> float:
+        ref, _ = create_session(reference, self.provider, self.threads)
+        return self._ratio(ref, model, feed, MEASURE_RUNS, np.median)
+
+    def _ratio(self, ref, candidate: bytes, feed: Feed, runs: int, summary) -> float:
+        sess, _ = create_session(candidate, self.provider, self.threads)
+        for _ in range(self.warmup):
+            ref.run(None, feed)
+            sess.run(None, feed)
+        times: dict[int, list[float]] = {0: [], 1: []}
+        for i in range(runs):
+            for key, s in ((0, ref), (1, sess)) if i % 2 == 0 else ((1, sess), (0, ref)):
+                start = time.perf_counter()
+                s.run(None, feed)
+                times[key].append(time.perf_counter() - start)
+        return float(summary(times[1]) / summary(times[0]))
 
 
 def table_counts(size: int, allowed: Sequence[int]) -> list[int]:
