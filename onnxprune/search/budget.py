@@ -65,7 +65,7 @@ from onnxprune.recovery.recover import output_error, recover
 from onnxprune.search.allocate import Levels, allocate
 from onnxprune.search.cost import cost_model
 from onnxprune.search.executor import run_tasks, worker_threads
-from onnxprune.search.latency_table import LatencyMeter, OrtMeter, interpolate, table_counts
+from onnxprune.search.latency_table import LatencyMeter, OrtMeter, interpolate, shrink_to_macs, table_counts
 
 DEFAULT_ROUNDS = 3  # the CLI's rounds without --steps (PruneOptions.steps, 1, for library callers)
 EXTRA_ROUNDS = 3  # at most this many more while the measured result misses the target
@@ -123,9 +123,10 @@ class BudgetSearch(Pass[PruneState]):
                                   f"its limit (--max-group-ratio, --round-to, --exclude, blocked groups) at "
                                   f"{planner.report.reached:.3f} of the original. Nothing was written.")
         else:
+            path = ", ".join(f"{r.reached:.3f}" for r in planner.report.rounds)
             raise ValidationFailed(f"--target-{kind} {target}: still {planner.report.reached:.3f} of the original "
-                                   f"as measured after {len(reports)} rounds (see the search path with --debug); "
-                                   "nothing was written")
+                                   f"as measured after {len(reports)} rounds (after each: {path}); nothing was "
+                                   "written")
         merge_rounds(state, reports, original)
         state.report.budget = planner.report
 
@@ -270,6 +271,7 @@ class _Planner:
         ratios = iter(self.meter.ratios(model.SerializeToString(), candidates, feed))
         self.report.timings += sum(len(c) for c in counts.values())
         points = {g.id: {n: next(ratios) - 1.0 for n in counts[g.id]} for g in searched}
+        points = shrink_to_macs(points, cost_model(state.groups, "macs"))
         current, scale = self.current, self.table_scale
 
         def cost(removed: dict[int, int]) -> float:

@@ -79,6 +79,30 @@ def table_counts(size: int, allowed: Sequence[int]) -> list[int]:
     return sorted(set(counts))
 
 
+SHRINK = 0.5  # weight of a group's own timing against the MACs-proportional fit over all groups
+
+
+def shrink_to_macs(points: dict[int, dict[int, float]], macs) -> dict[int, dict[int, float]]:
+    """Table entries pulled halfway towards ``slope * MACs change``, the slope fitted over all entries.
+
+    Why: one group's effect on a whole model's latency is a few percent, near the noise of a shared machine; summed
+    over 25 groups (MobileNetV2) the noise decided the allocation and rounds missed their goals as measured. The fit
+    keeps what MACs explain of latency on this provider, each group's own timing keeps what they do not (memory-bound
+    depthwise layers). ``macs``: the analytic cost model of the current model (search/cost.py).
+    """
+    base = macs.total
+    pairs = [(gid, n, macs.cost({gid: n}) / base - 1.0, value) for gid, entries in points.items()
+             for n, value in entries.items()]
+    denominator = sum(m * m for _, _, m, _ in pairs)
+    if not pairs or denominator <= 0:
+        return points
+    slope = sum(m * v for _, _, m, v in pairs) / denominator
+    out: dict[int, dict[int, float]] = {gid: {} for gid in points}
+    for gid, n, m, value in pairs:
+        out[gid][n] = SHRINK * value + (1 - SHRINK) * slope * m
+    return out
+
+
 def interpolate(points: dict[int, float], removed: int) -> float:
     """Latency change (ratio - 1) at ``removed`` channels from the measured ``points`` (removed -> ratio - 1):
     linear through (0, 0) and the points, extended past the last one along its last segment."""
