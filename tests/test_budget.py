@@ -26,7 +26,7 @@ from onnxprune.report import prune_dict
 from onnxprune.search.allocate import Levels, allocate
 from onnxprune.search.budget import prune_to_budget
 from onnxprune.search.cost import cost_model
-from onnxprune.search.latency_table import interpolate
+from onnxprune.search.latency_table import interpolate, shrink_to_macs
 
 DIGITS = MODELS / "digits_resnet.onnx"
 CALIB = MODELS / "digits_calib.npz"
@@ -83,6 +83,20 @@ def test_latency_table_interpolates_through_zero_and_extends_the_last_segment():
     assert interpolate(points, 2) == pytest.approx(-0.05)
     assert interpolate(points, 6) == pytest.approx(-0.2)
     assert interpolate(points, 10) == pytest.approx(-0.4)
+
+
+def test_table_entries_are_pulled_halfway_towards_the_macs_fit():
+    class Macs:  # group 0 removes 10% of the MACs per channel, group 1 20%
+        total = 100.0
+
+        def cost(self, removed):
+            return 100.0 - 10.0 * removed.get(0, 0) - 20.0 * removed.get(1, 0)
+
+    points = {0: {1: -0.2}, 1: {1: -0.1}}  # measured: the other way round
+    slope = (0.1 * 0.2 + 0.2 * 0.1) / (0.1 ** 2 + 0.2 ** 2)  # least squares through the origin
+    shrunk = shrink_to_macs(points, Macs())
+    assert shrunk[0][1] == pytest.approx(0.5 * -0.2 + 0.5 * slope * -0.1)
+    assert shrunk[1][1] == pytest.approx(0.5 * -0.1 + 0.5 * slope * -0.2)
 
 
 def _measured(path, kind):
