@@ -97,6 +97,9 @@ def test_table_entries_are_pulled_halfway_towards_the_macs_fit():
     shrunk = shrink_to_macs(points, Macs())
     assert shrunk[0][1] == pytest.approx(0.5 * -0.2 + 0.5 * slope * -0.1)
     assert shrunk[1][1] == pytest.approx(0.5 * -0.1 + 0.5 * slope * -0.2)
+    # timings that say pruning makes it slower (noise): latency proportional to MACs is the fit
+    noise = shrink_to_macs({0: {1: 0.01}, 1: {1: 0.02}}, Macs())
+    assert noise[0][1] == pytest.approx(0.5 * 0.01 + 0.5 * -0.1) and noise[1][1] == pytest.approx(0.5 * 0.02 - 0.1)
 
 
 def _measured(path, kind):

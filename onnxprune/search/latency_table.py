@@ -88,7 +88,9 @@ def shrink_to_macs(points: dict[int, dict[int, float]], macs) -> dict[int, dict[
     Why: one group's effect on a whole model's latency is a few percent, near the noise of a shared machine; summed
     over 25 groups (MobileNetV2) the noise decided the allocation and rounds missed their goals as measured. The fit
     keeps what MACs explain of latency on this provider, each group's own timing keeps what they do not (memory-bound
-    depthwise layers). ``macs``: the analytic cost model of the current model (search/cost.py).
+    depthwise layers). A fit that says removing MACs does not save time (slope <= 0: the timings were all noise, as
+    measured near a target on a busy machine, where the search then saw nothing left to remove) falls back to latency
+    proportional to MACs. ``macs``: the analytic cost model of the current model (search/cost.py).
     """
     base = macs.total
     pairs = [(gid, n, macs.cost({gid: n}) / base - 1.0, value) for gid, entries in points.items()
@@ -97,6 +99,8 @@ def shrink_to_macs(points: dict[int, dict[int, float]], macs) -> dict[int, dict[
     if not pairs or denominator <= 0:
         return points
     slope = sum(m * v for _, _, m, v in pairs) / denominator
+    if slope <= 0:
+        slope = 1.0
     out: dict[int, dict[int, float]] = {gid: {} for gid in points}
     for gid, n, m, value in pairs:
         out[gid][n] = SHRINK * value + (1 - SHRINK) * slope * m
