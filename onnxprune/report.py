@@ -68,6 +68,7 @@ def prune_dict(report: PruneReport) -> dict:
             "steps": [{"output_error_before": b, "output_error_after": a} for b, a in report.recovery.steps],
             "layers": [vars(layer) for layer in report.recovery.layers]},
     }
+    data["budget"] = None if report.budget is None else _budget_dict(report)
     q = report.quantization
     data["quantization"] = None if q is None else {
         "kind": q.kind, "method": q.method, "params": q.params, "zeros_before": q.zeros_before,
@@ -126,6 +127,8 @@ def render_prune(report: PruneReport) -> str:
                      f"calibration data {error}, {r.seconds:.2f}s")
     if report.quantization is not None:
         parts.append(_render_quantization(report.quantization))
+    if report.budget is not None:
+        parts.append(_render_budget(report))
     b, a = report.before, report.after
     parts.append(f"params {human(b.params)} -> {human(a.params)} ({_ratio(a.params, b.params)}x), "
                  f"MACs {human(b.macs)} -> {human(a.macs)} ({_ratio(a.macs, b.macs)}x), "
@@ -140,6 +143,37 @@ def _render_hidden(row: HiddenRow) -> str:
     return (f"hidden width {row.before} -> {row.after} ({row.treatment}); {row.norms} norms, {row.writers} writer "
             f"constants, {row.readers} readers{share}; the rewrite without slicing reproduces the original (max "
             f"relative difference {row.reference_difference:.2g} on the first calibration batch)")
+
+
+def _chosen_ratios(report: PruneReport) -> dict[str, float]:
+    """The fraction of its channels each prunable group lost: the ratios a budget search chose."""
+    return {g.name: round(1 - g.after / g.before, 4) for g in report.groups if not g.blocked and g.before > 1}
+
+
+def _budget_dict(report: PruneReport) -> dict:
+    b = report.budget
+    return {"kind": b.kind, "target": b.target, "reached": b.reached, "method": b.method,
+            "evaluations": b.evaluations, "timings": b.timings, "recoveries": b.recoveries,
+            "ratios": _chosen_ratios(report),
+            "rounds": [vars(r) for r in b.rounds]}
+
+
+def _render_budget(report: PruneReport) -> str:
+    """The search path (goal, prediction and measurement per round) and the ratio it chose per group."""
+    b = report.budget
+    def error(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    rows = [[str(k + 1), f"{r.goal:.3f}", f"{r.predicted:.3f}", f"{r.reached:.3f}", str(r.removed),
+             f"{r.choice} ({error(r.greedy_error)} vs {error(r.even_error)})", error(r.output_error)]
+            for k, r in enumerate(b.rounds)]
+    path = _table(["round", "goal", "predicted", "reached", "channels removed",
+                   "aim: greedy or even (their error at the target)", "error after recovery"], rows)
+    ratios = ", ".join(f"{name} {ratio:.2f}" for name, ratio in _chosen_ratios(report).items())
+    return (f"budget search: --target-{b.kind} {b.target:g} ({b.method}), reached {b.reached:.3f} of the original as "
+            f"measured after the last round; {b.evaluations} loss evaluations, {b.recoveries} allocations recovered to "
+            f"compare"
+            f"{f', {b.timings} latency timings' if b.timings else ''}\n{path}\nchosen ratio per group: {ratios}")
 
 
 def _render_quantization(q: QuantizationResult) -> str:

@@ -344,12 +344,12 @@ def test_sigterm_handler_unwinds_and_exits_143(tmp_path, capfd, monkeypatch, mod
     cleaned = []
     real = pipeline.prune_model
 
-    def prune_then_signal(model, options):
+    def prune_then_signal(model, options, **job):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(1000):  # the handler runs between bytecodes
                 pass
-            return real(model, options)
+            return real(model, options, **job)
         except BaseException as exc:
             cleaned.append(type(exc))
             raise
@@ -376,10 +376,10 @@ def test_sigterm_to_a_real_process(tmp_path, model_copy):
         import onnxprune.pipeline as pipeline
         from onnxprune.cli.main import main
         real = pipeline.prune_model
-        def held(model, options):
+        def held(model, options, **job):
             print("ready", flush=True)
             time.sleep(60)
-            return real(model, options)
+            return real(model, options, **job)
         pipeline.prune_model = held
         main(sys.argv[1:])
     """)

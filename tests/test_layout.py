@@ -9,8 +9,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parent.parent / "onnxprune"
 LEAVES = {"errors", "finite", "progress", "formatting"}  # shared by every stage, importing none of them
-STAGES = ["graph", "channels", "data", "importance", "prune", "recovery", "quantize", "passes", "pipeline", "validate", "report",
-          "cli"]
+STAGES = ["graph", "channels", "data", "importance", "prune", "recovery", "quantize", "passes", "pipeline", "validate",
+          "search", "report", "cli"]
 
 
 def _stage(module: str) -> str:

@@ -53,6 +53,9 @@ def _register() -> None:
     except ImportError:
         return
     cli.add_command(validate_command, "validate")
+    from onnxprune.cli.sensitivity_cmd import sensitivity_command
+
+    cli.add_command(sensitivity_command, "sensitivity")
 
 
 _register()

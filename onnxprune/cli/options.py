@@ -92,7 +92,26 @@ class FloatListType(click.ParamType):
             self.fail(f"'{value}' is not a comma-separated list of numbers", param, ctx)
 
 
+class BudgetType(click.ParamType):
+    """A budget: the fraction of the original to keep, strictly between 0 and 1 (0 keeps nothing, 1 prunes
+    nothing)."""
+
+    name = "fraction"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        try:
+            fraction = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"'{value}' is not a number", param, ctx)
+        if not 0 < fraction < 1:
+            self.fail(f"{fraction} is outside (0, 1): the fraction of the original to keep", param, ctx)
+        return fraction
+
+
 RATIO = RatioType()
+BUDGET = BudgetType()
 FRACTION = RatioType(closed=True, hint=" (fractions: 0.01 = one percentage point)")
 GLOB_RATIO = GlobRatioType()
 SHAPE = ShapeType()

@@ -6,8 +6,8 @@ import click
 
 from pathlib import Path
 
-from onnxprune.cli.options import (GLOB_RATIO, MODEL_PATH, PATTERN, RATIO, debug_option, input_shape_option,
-                                   json_option, validate_options)
+from onnxprune.cli.options import (BUDGET, GLOB_RATIO, MODEL_PATH, PATTERN, RATIO, debug_option,
+                                   input_shape_option, json_option, validate_options)
 from onnxprune import importance
 from onnxprune.errors import ConfigError
 from onnxprune.graph.io import default_output_path
@@ -15,6 +15,7 @@ from onnxprune.passes.channels import ATTENTION_UNITS
 from onnxprune.pipeline import PruneOptions, prune_file
 from onnxprune.quantize import kinds as quant_kinds
 from onnxprune.recovery import registry as recovery_methods
+from onnxprune.search.budget import DEFAULT_ROUNDS, prune_to_budget
 from onnxprune.report import check_json_target, prune_dict, render_prune, write_json
 from onnxprune.validate import ValidateOptions, run_validation
 from onnxprune.validate.mobile import ship_for_mobile
@@ -73,8 +74,18 @@ class RoundToType(click.ParamType):
               help="Use at most this many calibration samples.")
 @click.option("--recover", "recover_method", type=click.Choice(recovery_methods.names()),
               help=recovery_methods.cli_help())
-@click.option("--steps", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Remove the channels in N equal rounds, recovering after each (with --calib).")
+@click.option("--steps", type=click.IntRange(min=1), show_default=f"1; with a --target-*: {DEFAULT_ROUNDS}",
+              help="Remove the channels in N equal rounds, recovering after each (with --calib); with a --target-*, "
+                   "the search's planned rounds.")
+@click.option("--target-macs", type=BUDGET, help="Budget instead of ratios: keep at most this fraction of the MACs; "
+              "every group's ratio is searched by its measured loss on --calib.")
+@click.option("--target-params", type=BUDGET, help="Budget: keep at most this fraction of the parameters.")
+@click.option("--target-latency", type=BUDGET, help="Budget: at most this fraction of the original's median "
+              "latency on the first --providers entry (--threads), as measured after pruning.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With a --target-*: local processes for the search's loss evaluations.")
+@click.option("--ray", metavar="auto|ADDRESS", help="With a --target-*: run the search's loss evaluations on Ray "
+              "('auto': a local instance or RAY_ADDRESS; else a cluster address).")
 @click.option("--quantize", "quantize_kind", type=click.Choice(quant_kinds.names()), help=quant_kinds.help_text())
 @click.option("--quant-method", type=click.Choice(list(quant_kinds.METHODS)), default="minmax", show_default=True,
               help="How --quantize int8 calibrates activation ranges on --calib.")
@@ -89,14 +100,23 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
                   pattern: tuple[int, int] | None, scope: str, criterion: str, reduction: str,
                   round_to: int | None, attention_units: str, exclude: tuple[str, ...], layer_channels, layer_sparsity, min_params: int,
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
-                  recover_method: str | None, steps: int, quantize_kind: str | None, quant_method: str,
+                  recover_method: str | None, steps: int | None, target_macs: float | None,
+                  target_params: float | None, target_latency: float | None, workers: int, ray: str | None,
+                  quantize_kind: str | None, quant_method: str,
                   verify: bool, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, validation: ValidateOptions) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
-    if channels is None and hidden is None and sparsity is None and pattern is None:
-        raise ConfigError("nothing to do: give --channels, --hidden, --sparsity or --pattern")
+    budget = target_macs is not None or target_params is not None or target_latency is not None
+    if channels is None and hidden is None and sparsity is None and pattern is None and not budget:
+        raise ConfigError("nothing to do: give --channels, --hidden, --sparsity, --pattern or a --target-*")
+    if budget and validation.max_accuracy_drop is not None:  # the budget's accuracy limit, judged on held-out data
+        if not validation.data.path:
+            raise ConfigError("--max-accuracy-drop with a --target-* is judged on held-out data: give --data")
+        do_validate = True
     if pattern and sparsity is not None:
         raise ConfigError("--pattern sets the sparsity itself; do not combine it with --sparsity")
+    if steps is None:
+        steps = DEFAULT_ROUNDS if budget else 1
     out = Path(output) if output else default_output_path(Path(model))
     protected = (model, out, out.with_name(out.name + ".data"))
     if json_path:
@@ -107,9 +127,11 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
                            input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
                            recover=recover_method, verify=verify, steps=steps, quantize=quantize_kind,
-                           quant_method=quant_method, hidden=hidden,
+                           quant_method=quant_method, hidden=hidden, target_macs=target_macs, target_params=target_params,
+                           target_latency=target_latency, latency_provider=validation.providers.split(",")[0],
+                           latency_threads=validation.threads, workers=workers, ray=ray,
                            preprocess=validation.data.preprocess)
-    report = prune_file(model, output, options)
+    report = prune_to_budget(model, output, options) if budget else prune_file(model, output, options)
     click.echo(render_prune(report))
     data = prune_dict(report)
     validation_report = None

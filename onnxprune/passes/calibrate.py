@@ -26,7 +26,8 @@ class Calibrate(Pass[PruneState]):
             state.batches = load_feeds(state.model, data, options.input_shapes)
         state.calibrated = True
         if options.criterion == criteria.AUTO and state.batches:
-            chosen = [f"{criteria.auto_choice(Target.CHANNELS, True, False)} for channels"] if options.channels else []
+            channels = options.prunes_channels
+            chosen = [f"{criteria.auto_choice(Target.CHANNELS, True, False)} for channels"] if channels else []
             if options.prunes_weights:  # auto adds no note of its own; ZeroWeights asks again
                 chosen.append(f"{weight_criterion(options, state.batches, report, state.too_big).name} for weights")
             if chosen:  # --hidden alone ranks no channels or weights

@@ -17,7 +17,7 @@ ATTENTION_UNITS = ("heads", "head-dims")  # what --channels removes from attenti
 
 class _ChannelPass(Pass[PruneState]):
     def applies(self, state: PruneState) -> bool:
-        return bool(state.options.channels)
+        return state.options.prunes_channels
 
 
 class BuildGroups(_ChannelPass):
@@ -39,10 +39,16 @@ class SelectChannels(_ChannelPass):
 
     def requires(self, state: PruneState) -> None:
         assert state.groups is not None and state.calibrated
+        if state.options.budgets and state.planner is None:
+            raise ConfigError("a --target-* budget is met by the budget search (onnxprune.search.budget."
+                              "prune_to_budget), not by the ratio job")
 
     def run(self, state: PruneState) -> None:
         options = state.options
         state.report.round_to = options.round_to if options.round_to is not None else cpu_block()
+        if state.planner is not None:  # a budget search's round chooses every group's count itself
+            state.plan = state.planner(state)
+            return
         scorer = criteria.channel_scorer(options.criterion, state.groups, options.reduction, state.batches)
         state.plan = plan_channels(state.groups, options.channels or 0.0, options.scope, scorer, options.reduction,
                                    state.report.round_to, options.exclude, options.layer_channels,

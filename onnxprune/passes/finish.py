@@ -16,7 +16,7 @@ class Finish(Pass[PruneState]):
         known = None
         if report.unstructured is not None:
             known = {w.name: w.zeros_after for w in report.unstructured.weights}
-            if options.prunes_weights and not options.channels:  # Prepare left these zeros to unstructured pruning
+            if options.prunes_weights and not options.prunes_channels:  # Prepare left these to unstructured pruning
                 before_zeros = {w.name: w.zeros_before for w in report.unstructured.weights}
                 for layer in report.before.layers:
                     if layer.weight in before_zeros and layer.params:

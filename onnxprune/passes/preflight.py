@@ -5,9 +5,35 @@ from __future__ import annotations
 
 from onnxprune.errors import ConfigError
 from onnxprune.passes.base import Pass
-from onnxprune.passes.state import PruneState
+from onnxprune.passes.state import PruneOptions, PruneState
 from onnxprune.quantize.run import check_request
 from onnxprune.recovery import registry as recovery_methods
+
+
+def check_budget(options: PruneOptions, calibrated: bool) -> None:
+    """A budget replaces the ratios: one budget, a fraction strictly between 0 and 1, no --channels, and
+    calibration data (each group's loss is measured on it)."""
+    budgets = options.budgets
+    if not budgets:
+        return
+    names = [f"--target-{kind}" for kind in budgets]
+    if len(budgets) > 1:
+        raise ConfigError(f"give one budget, not {' and '.join(names)}")
+    (kind, value), = budgets.items()
+    if not 0 < value < 1:
+        raise ConfigError(f"--target-{kind} {value}: a budget is the fraction of the original to keep, strictly "
+                          "between 0 and 1")
+    if options.channels is not None:
+        raise ConfigError(f"--channels and --target-{kind} both set how much to remove: give one of them")
+    if not calibrated:
+        raise ConfigError(f"--target-{kind} chooses groups by their measured loss on calibration data: give --calib")
+    if options.prunes_weights or options.quantize is not None:
+        raise ConfigError(f"--target-{kind} cannot be combined with --sparsity, --pattern or --quantize yet")
+    if options.hidden:
+        raise ConfigError(f"--target-{kind} cannot be combined with --hidden yet (give --hidden with --channels)")
+    if options.scope != "layer":
+        raise ConfigError(f"--target-{kind} allocates channels across groups itself; --scope global has nothing "
+                          "to rank")
 
 
 class Preflight(Pass[PruneState]):
@@ -20,6 +46,7 @@ class Preflight(Pass[PruneState]):
             raise ConfigError(f"--recover {options.recover} needs calibration data (--calib)")
         if options.hidden:
             _check_hidden(options.steps, calibrated, state.model.external)
+        check_budget(options, calibrated)
         if options.quantize is not None:
             check_request(options.quantize, calibrated, state.model.external, state.model.proto)
             if options.sparse_storage:

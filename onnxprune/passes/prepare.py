@@ -25,12 +25,12 @@ class Prepare(Pass[PruneState]):
         state.too_big = model.external and not model.hold_changes
         if state.index is None:
             state.rebuild_index()
-        only_weights = options.prunes_weights and not options.channels
+        only_weights = options.prunes_weights and not options.prunes_channels
         # weights that unstructured pruning reads anyway are counted there, not read an extra time here
         before = model_stats(model, index=state.index,
                              zeros={w.name: 0 for w in find_weights(state.index)} if only_weights else {})
         state.report = PruneReport(str(model.path or ""), "", before, before, 0)
-        state.report.structure_changed = bool(options.channels or options.sparse_storage)
+        state.report.structure_changed = options.prunes_channels or options.sparse_storage
 
     def ensures(self, state: PruneState) -> None:
         assert state.index is not None and state.report is not None

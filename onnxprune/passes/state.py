@@ -3,6 +3,7 @@ passes share while it runs (:class:`PruneState`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,10 +51,30 @@ class PruneOptions:
     quantize: str | None = None  # after recovery: a key of quantize.KINDS (int8 needs --calib)
     quant_method: str = "minmax"  # static int8's activation calibration: a key of quantize.METHODS
     hidden: float | None = None  # fraction of a transformer's hidden (residual-stream) width to remove (--calib)
+    # budgets instead of ratios (search/budget.py): keep at most this fraction of the original's MACs, parameters or
+    # median latency on latency_provider; the search chooses every group's ratio
+    target_macs: float | None = None
+    target_params: float | None = None
+    target_latency: float | None = None
+    latency_provider: str = "cpu"  # --providers' first entry: where --target-latency is measured
+    latency_threads: int = 0  # --threads for those sessions (0: onnxruntime's default)
+    workers: int = 1  # local processes for the search's loss evaluations
+    ray: str | None = None  # or a Ray cluster for them ("auto" or an address)
 
     @property
     def prunes_weights(self) -> bool:
         return bool(self.sparsity or self.pattern)
+
+    @property
+    def budgets(self) -> dict[str, float]:
+        """The budgets asked for, by kind ("macs", "params", "latency"); Preflight allows at most one."""
+        asked = {"macs": self.target_macs, "params": self.target_params, "latency": self.target_latency}
+        return {kind: value for kind, value in asked.items() if value is not None}
+
+    @property
+    def prunes_channels(self) -> bool:
+        """Channels are removed: by ratio (--channels) or by a budget search."""
+        return bool(self.channels) or bool(self.budgets)
 
 
 @dataclass
@@ -87,6 +108,36 @@ class HiddenRow:
 
 
 @dataclass
+class BudgetRound:
+    """One round of a budget search: what it aimed at, what its plan predicted and what was measured after it
+    (fractions of the original model's cost)."""
+
+    goal: float
+    predicted: float
+    reached: float
+    removed: int  # channels removed in this round
+    loss: float  # summed calibration loss of the chosen removals, each measured alone before recovery
+    output_error: float | None = None  # after this round's recovery, against the model it started from
+    choice: str = "greedy"  # the allocation taken: the greedy one, or the even one when it recovered better
+    greedy_error: float | None = None  # both allocations' output error on --calib after recovery, when compared
+    even_error: float | None = None
+
+
+@dataclass
+class BudgetReport:
+    """What a budget search asked for, reached, and how (the search path, one row per round)."""
+
+    kind: str  # "macs", "params" or "latency"
+    target: float
+    reached: float | None = None
+    rounds: list[BudgetRound] = field(default_factory=list)
+    evaluations: int = 0  # loss evaluations (a group at a kept count, on the calibration data)
+    timings: int = 0  # latency table entries measured
+    recoveries: int = 0  # allocations recovered on a copy to compare them
+    method: str = ""  # how the cost is known: analytic, or the provider latency was measured on
+
+
+@dataclass
 class PruneReport:
     input: str
     output: str
@@ -100,6 +151,7 @@ class PruneReport:
     recovery: RecoveryResult | None = None
     quantization: QuantizationResult | None = None
     hidden: HiddenRow | None = None
+    budget: BudgetReport | None = None
     structure_changed: bool = False  # False: only weight values changed, so the saved graph needs no re-check
 
 
@@ -122,6 +174,7 @@ class PruneState:
     proof: str | None = None  # RemoveChannels with --verify: what was proved
     changed: set[str] = field(default_factory=set)  # RemoveChannels, ZeroWeights: constants whose values changed
     reselect: dict[str, Reselect] = field(default_factory=dict)  # ZeroWeights: zeros recovery chooses (obs)
+    planner: Callable[[PruneState], ChannelPlan] | None = None  # a budget search's round: plans instead of ratios
 
     def rebuild_index(self) -> None:
         """Index the model afresh, after a step that replaced the whole proto (a snapshot restored by recovery or a

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import onnx
+
 from onnxprune.passes.base import Pass, run_passes
 from onnxprune.passes.state import PruneReport, PruneState
 from onnxprune.recovery.recover import output_error
@@ -48,15 +50,22 @@ class Rounds(Pass[PruneState]):
                 original = round_state.original  # the model before any round: the final error is against it
             state.batches, state.calibrated, state.index = round_state.batches, True, round_state.index
             reports.append(round_state.report)
-        state.report = _merge(reports, steps)
-        rounds = [r.recovery for r in reports if r.recovery is not None]
-        if rounds and original is not None and state.model.runnable():
-            merged = replace(rounds[-1], layers=[x for r in rounds for x in r.layers], notes=[],
-                             seconds=sum(r.seconds for r in rounds), kept=all(r.kept for r in rounds),
-                             steps=[(r.output_error_before, r.output_error_after) for r in rounds])
-            merged.output_error_before = rounds[0].output_error_before
-            merged.output_error_after = output_error(original, state.model, state.batches)
-            state.report.recovery = merged
+        merge_rounds(state, reports, original)
+
+
+def merge_rounds(state: PruneState, reports: list[PruneReport], original: onnx.ModelProto | None) -> None:
+    """One report for rounds run on ``state.model`` (``--steps``, or the rounds of a budget search): the last
+    round's with the first round's "before", every round's notes, and recovery measured against ``original``, the
+    model before the first round."""
+    state.report = _merge(reports, len(reports))
+    rounds = [r.recovery for r in reports if r.recovery is not None]
+    if rounds and original is not None and state.model.runnable():
+        merged = replace(rounds[-1], layers=[x for r in rounds for x in r.layers], notes=[],
+                         seconds=sum(r.seconds for r in rounds), kept=all(r.kept for r in rounds),
+                         steps=[(r.output_error_before, r.output_error_after) for r in rounds])
+        merged.output_error_before = rounds[0].output_error_before
+        merged.output_error_after = output_error(original, state.model, state.batches)
+        state.report.recovery = merged
 
 
 def _merge(reports: list[PruneReport], steps: int) -> PruneReport:

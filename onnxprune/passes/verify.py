@@ -30,9 +30,9 @@ def verify_feeds(model: LoadedModel, options: PruneOptions) -> dict[str, np.ndar
         OutputError: the oracle cannot run: the model is too big to hold in memory, or an input has dynamic dims
             other than the batch and no ``--input-shape``.
     """
-    if not options.channels:
-        raise ConfigError("--verify proves a channel removal: give --channels above 0 (weight sparsity alone "
-                          "changes no structure to check)")
+    if not options.prunes_channels:
+        raise ConfigError("--verify proves a channel removal: give --channels above 0 or a --target-* (weight "
+                          "sparsity alone changes no structure to check)")
     if not model.fits_in_memory:
         raise OutputError(f"--verify cannot run: the model is {model.file_size / 1e9:.1f} GB and the oracle runs it "
                           f"in onnxruntime from memory, which protobuf limits to {io.INLINE_LIMIT_BYTES / 1e9:.1f} GB; "

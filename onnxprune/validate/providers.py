@@ -181,8 +181,9 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     return so
 
 
-def create_session(path: str | Path, provider: str, threads: int = 0) -> tuple[ort.InferenceSession, float]:
-    """A session on exactly ``provider`` and its load time in seconds.
+def create_session(path: str | Path | bytes, provider: str, threads: int = 0) -> tuple[ort.InferenceSession, float]:
+    """A session on exactly ``path`` (a file, or a serialized model held in memory: search workers write no files)
+    on exactly ``provider``, and its load time in seconds.
 
     A provider that is installed but cannot start (driver or library missing) makes onnxruntime fall back to CPU;
     that is reported as :class:`ProviderUnavailable` rather than timed as if it worked.
@@ -192,15 +193,17 @@ def create_session(path: str | Path, provider: str, threads: int = 0) -> tuple[o
     if plugin:
         option = PLUGINS[provider].threads_option
         options.add_provider_for_devices(plugin.devices, {option: str(threads)} if option and threads else {})
+    source = path if isinstance(path, bytes) else str(path)
     start = time.perf_counter()
     try:
-        sess = (ort.InferenceSession(str(path), sess_options=options) if plugin
-                else ort.InferenceSession(str(path), sess_options=options, providers=[provider]))
+        sess = (ort.InferenceSession(source, sess_options=options) if plugin
+                else ort.InferenceSession(source, sess_options=options, providers=[provider]))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if provider != "CPUExecutionProvider" and ("provider" in first.lower() or "cuda" in first.lower()):
             raise ProviderUnavailable(f"{short_name(provider)}: could not create a session: {first}") from None
-        raise InputModelError(f"{path}: onnxruntime cannot load the model ({first})") from None
+        where = "the model in memory" if isinstance(path, bytes) else path
+        raise InputModelError(f"{where}: onnxruntime cannot load the model ({first})") from None
     elapsed = time.perf_counter() - start
     if sess.get_providers()[0] != provider:
         raise ProviderUnavailable(f"{short_name(provider)} is installed but could not be initialised "
