@@ -223,7 +223,7 @@ def test_shapes_keep_the_full_width_only_where_it_sizes_something_else():
     kept = find_stream(GraphIndex(from_proto(_transformer()))).shapes
     assert [s.name for s in kept] == ["/layers/layers.0/attn/Shape_2", "/layers/layers.1/attn/Shape_2"]
     stream = find_stream(GraphIndex(from_proto(encoder(False, "layer", gemm_style=True))))
-    assert stream.shapes == [] and len(stream.reshapes) == 2
+    assert stream.shapes == [] and len(stream.sized) == 2
 
 
 def test_cli_refuses_a_model_without_a_stream(tmp_path, model_copy, capsys):

@@ -58,7 +58,8 @@ class SliceHidden(Pass[PruneState]):
             raise ConfigError(f"--hidden cannot slice this model's hidden width: the sliced model does not run "
                               f"({short_message(exc)})") from None
         outputs = {o.name for o in state.model.proto.graph.output}  # keep their width (projected back)
-        state.kept.update({Dim(t, rank - 1): plan.kept for t, rank in stream.ranks.items() if t not in outputs})
+        state.kept.update({Dim(t, rank + stream.axes[t]): plan.kept for t, rank in stream.ranks.items()
+                           if t not in outputs})
         state.original = reference
         state.rebuild_index()
         state.report.structure_changed = True

@@ -9,8 +9,8 @@ For a [d, k] ``basis`` B (orthonormal columns: the first k principal directions,
   (``W -> B^T diag(g) W``, bias ``+= b W``);
 * without ``fold`` (post-LN): each norm keeps its op, with ``g B`` and ``b B``, and readers get ``B^T W``;
 * a graph output on the normalised stream is projected back to d channels (``B^T`` with g and b);
-* Shape nodes whose last dim sizes something other than the stream keep reporting the full width (shapes.py);
-  constant Reshape targets on the stream get the new width.
+* Shape nodes whose width entry sizes something other than the stream keep reporting the full width (shapes.py);
+  constant Reshape targets and Expand shapes on the stream get the new width.
 
 With B = Q square (no slicing) the result computes what the model computes, up to float rounding: the exactness
 oracle in tests/test_hidden.py, and the reference the pass gives recovery. Edits write new initializers and rewire
@@ -53,11 +53,11 @@ def slice_stream(index: GraphIndex, stream: Stream, basis: np.ndarray, fold: boo
     for r in outputs:
         _project_back(edit, r, basis, fold)
     for shape in stream.shapes:
-        _full_width(edit, shape, width)
-    for reshape in stream.reshapes:  # a constant target ends with the width
-        target = edit.index.const_value(reshape.input[1]).copy()
-        target.reshape(-1)[-1] = kept
-        edit.set(reshape, 1, target)
+        _full_width(edit, shape, width, stream.axes[shape.input[0]])
+    for sized in stream.sized:  # a constant shape vector that spells the width
+        target = edit.index.const_value(sized.node.input[sized.slot]).copy()
+        target.reshape(-1)[sized.position] = kept
+        edit.set(sized.node, sized.slot, target)
     stale = set(stream.tensors)
     graph = index.graph
     for k in reversed([k for k, vi in enumerate(graph.value_info) if vi.name in stale]):
@@ -138,15 +138,20 @@ def _project_back(edit: "_Edit", r: Reader, basis: np.ndarray, fold: bool) -> No
         edit.node("MatMul", [narrow, edit.constant(projection, f"{t}_projection")], [t])
 
 
-def _full_width(edit: "_Edit", shape: onnx.NodeProto, width: int) -> None:
-    """``Shape(x)`` of a sliced tensor -> its shape with the last dim the original width."""
+def _full_width(edit: "_Edit", shape: onnx.NodeProto, width: int, axis: int) -> None:
+    """``Shape(x)`` of a sliced tensor -> its shape with the hidden ``axis`` (negative) the original width."""
     out = shape.output[0]
     raw = edit.fresh(f"{out}_sliced")
     shape.output[0] = raw
     zero = edit.constant(np.array([0], np.int64), f"{out}_start")
-    last = edit.constant(np.array([-1], np.int64), f"{out}_end")
-    head = edit.node("Slice", [raw, zero, last], [edit.fresh(f"{out}_head")])
-    edit.node("Concat", [head, edit.constant(np.array([width], np.int64), f"{out}_width")], [out], axis=0)
+    before = edit.constant(np.array([axis], np.int64), f"{out}_end")
+    parts = [edit.node("Slice", [raw, zero, before], [edit.fresh(f"{out}_head")]),
+             edit.constant(np.array([width], np.int64), f"{out}_width")]
+    if axis < -1:
+        after = edit.constant(np.array([axis + 1], np.int64), f"{out}_rest")
+        end = edit.constant(np.array([np.iinfo(np.int64).max], np.int64), f"{out}_stop")
+        parts.append(edit.node("Slice", [raw, after, end], [edit.fresh(f"{out}_tail")]))
+    edit.node("Concat", parts, [out], axis=0)
 
 
 class _Edit:

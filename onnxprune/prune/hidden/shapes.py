@@ -51,16 +51,18 @@ def stand_in_shapes(index: GraphIndex) -> dict[str, list]:
             for vi in inferred.graph.value_info if vi.type.tensor_type.HasField("shape")}
 
 
-def settle_shapes(index: GraphIndex, shapes: list[onnx.NodeProto], stream: set[str],
+def settle_shapes(index: GraphIndex, shapes: list[onnx.NodeProto], stream: dict[str, int],
                   rank: Callable[[str], int | None]) -> list[onnx.NodeProto]:
-    """The Shape nodes (among ``shapes``, which read tensors of ``stream``) that must keep reporting the full width.
+    """The Shape nodes (among ``shapes``, which read tensors of ``stream``: name -> hidden axis, negative) that must
+    keep reporting the full width.
 
     Raises:
         Refused: a shape whose last dim sizes both a Reshape of the stream and something else.
     """
     keep = []
     for shape in shapes:
-        targets = _reshape_targets(index, shape, rank(shape.input[0]))
+        size = rank(shape.input[0])
+        targets = _reshape_targets(index, shape, None if size is None else (size, size + stream[shape.input[0]]))
         if targets is None or (targets and all(t in stream for t in targets)):
             continue  # the width is not used, or only to reshape the stream itself
         if any(t in stream for t in targets):
@@ -69,9 +71,9 @@ def settle_shapes(index: GraphIndex, shapes: list[onnx.NodeProto], stream: set[s
     return keep
 
 
-def _reshape_targets(index: GraphIndex, shape: onnx.NodeProto, rank: int | None) -> list[str] | None:
-    """The data inputs of the Reshapes the shape's last dim may size, following the shape arithmetic; None when no
-    user takes the last dim at all."""
+def _reshape_targets(index: GraphIndex, shape: onnx.NodeProto, where: tuple[int, int] | None) -> list[str] | None:
+    """The data inputs of the Reshapes the shape's width entry may size, following the shape arithmetic; None when
+    no user takes that entry at all. ``where``: (the shape vector's length, the width's position), None if unknown."""
     targets: list[str] = []
     visited: set[int] = set()
     todo, used = [(shape.output[0], True)], False
@@ -79,7 +81,7 @@ def _reshape_targets(index: GraphIndex, shape: onnx.NodeProto, rank: int | None)
         tensor, first = todo.pop()
         for use in index.consumers_of(tensor):
             node = use.node
-            if first and not _picks_width(index, tensor, node, rank):
+            if first and not _picks_width(index, tensor, node, where):
                 continue
             used = True
             if node.op_type == "Reshape":
@@ -93,17 +95,18 @@ def _reshape_targets(index: GraphIndex, shape: onnx.NodeProto, rank: int | None)
     return targets if used else None
 
 
-def _picks_width(index: GraphIndex, shape_out: str, op: onnx.NodeProto, rank: int | None) -> bool:
-    """Whether ``op``, reading a shape vector, may take its last entry (the width): a Gather or Slice with constant
-    positions that leave it out does not."""
-    if rank is None or op.op_type not in ("Gather", "Slice") or op.input[0] != shape_out:
+def _picks_width(index: GraphIndex, shape_out: str, op: onnx.NodeProto, where: tuple[int, int] | None) -> bool:
+    """Whether ``op``, reading a shape vector, may take the width's entry (``where``: the vector's length and that
+    position): a Gather or Slice with constant positions that leave it out does not."""
+    if where is None or op.op_type not in ("Gather", "Slice") or op.input[0] != shape_out:
         return True
+    rank, position = where
     if op.op_type == "Gather":
         if not index.is_constant(op.input[1]):
             return True
-        return rank - 1 in {int(i) % rank for i in np.ravel(index.const_value(op.input[1]))}
+        return position in {int(i) % rank for i in np.ravel(index.const_value(op.input[1]))}
     bounds = [index.const_value(n) if n and index.is_constant(n) else None for n in op.input[1:]]
     if len(bounds) < 2 or any(b is None for b in bounds):
         return True
     step = int(bounds[3][0]) if len(bounds) > 3 else 1
-    return rank - 1 in list(range(rank))[slice(int(bounds[0][0]), int(bounds[1][0]), step)]
+    return position in list(range(rank))[slice(int(bounds[0][0]), int(bounds[1][0]), step)]

@@ -5,9 +5,10 @@ Pre-LN (GPT, ViT, most recent encoders): each block reads the stream through a n
 ``x + f(norm(x))``; a final norm feeds the head. Post-LN (BERT): the norm follows the residual Add,
 ``norm(x + f(x))``, so between blocks the stream *is* a norm's output. The stream is written only by sums of
 constants and of MatMul/Gemm/Gather outputs with constant weights (embeddings, position tables, output projections),
-and read only by MatMul/Gemm with constant weights; on both sides ops that leave the hidden axis last and whole are
-seen through (Transpose, Reshape of the other axes as torch's nn.MultiheadAttention writes them, ReduceMean over the
-sequence, Gather of the CLS token, Slice). The norms themselves are found by norms.py. Anything else on the stream is
+and read only by MatMul/Gemm with constant weights; on both sides ops that move data along the other axes only are
+seen through (through.py: a ViT's class token Concat on the sequence axis and its Expand, Transpose and Reshape of the
+other axes, ReduceMean over the sequence, Gather of the CLS token, Slice), and then the hidden axis need not be last
+(a patch-embedding Conv writes it on axis 1). The norms themselves are found by norms.py. Anything else on the stream is
 refused with the reason: a failed match returns a reason instead of raising (the pass turns it into exit 2).
 """
 
@@ -21,10 +22,10 @@ import onnx
 from onnxprune.graph.index import GraphIndex, attr, node_label
 from onnxprune.prune.hidden.norms import Norm, Refused, find_norms
 from onnxprune.prune.hidden.shapes import settle_shapes, stand_in_shapes
+from onnxprune.prune.hidden.through import OPS as THROUGH_OPS
+from onnxprune.prune.hidden.through import Passage, Sized, Through
 
 FUSED = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "EmbedLayerNormalization")
-# readers see through these when they leave the last axis where it is
-ALONG_OTHER_AXES = ("ReduceMean", "Gather", "Slice", "Transpose", "Reshape")
 MIN_OPSET = 13  # Slice/ReduceMean/Concat forms the rewrite emits
 
 
@@ -60,10 +61,11 @@ class Stream:
     norms: list[Norm]
     writers: list[Writer] = field(default_factory=list)
     readers: list[Reader] = field(default_factory=list)
-    tensors: list[str] = field(default_factory=list)  # run-time tensors with the hidden width on their last axis
+    tensors: list[str] = field(default_factory=list)  # run-time tensors with the hidden width
+    axes: dict[str, int] = field(default_factory=dict)  # of those tensors, the hidden axis (negative)
     ranks: dict[str, int] = field(default_factory=dict)  # of those tensors, where known
     shapes: list[onnx.NodeProto] = field(default_factory=list)  # Shape nodes reading one of them, to report d
-    reshapes: list[onnx.NodeProto] = field(default_factory=list)  # Reshapes on the stream with a constant target
+    sized: list[Sized] = field(default_factory=list)  # constant Reshape targets / Expand shapes spelling the width
 
     @property
     def rms(self) -> bool:
@@ -84,12 +86,15 @@ class _Walk:
         self.seen: set[str] = set()
         self.stand_in = stand_in_shapes(index)
 
+    def dims(self, t: str) -> list | None:
+        return self.index.shape(t) or self.stand_in.get(t)
+
     def rank(self, t: str) -> int | None:
-        shape = self.index.shape(t) or self.stand_in.get(t)
+        shape = self.dims(t)
         return None if shape is None else len(shape)
 
     def width(self, t: str) -> int | None:
-        shape = self.index.shape(t) or self.stand_in.get(t)
+        shape = self.dims(t)
         return shape[-1] if shape else None
 
     def stream(self) -> Stream:
@@ -107,6 +112,7 @@ class _Walk:
         xs, ys = {n.x for n in norms}, {n.y for n in norms}
         post_ln = self.layout(norms, xs, ys)
         self.s = Stream(post_ln, widths.pop(), norms)
+        self.through = Through(index, self.s.width, self.dims)
         self.xs, self.ys = xs, ys
         for n in norms:
             if n.gamma(index, self.s.width).shape != (self.s.width,):
@@ -116,7 +122,7 @@ class _Walk:
                     self.track(t)
             self.written(n)
             self.read(n, n.y)
-        self.s.shapes = settle_shapes(index, self.s.shapes, self.seen, self.rank)
+        self.s.shapes = settle_shapes(index, self.s.shapes, self.s.axes, self.rank)
         return self.s
 
     def no_norm_reason(self) -> str:
@@ -173,74 +179,102 @@ class _Walk:
         if x in self.index.graph_outputs:
             raise Refused(f"the stream tensor '{x}' is a graph output")
 
-    def expression(self, t: str) -> None:
-        """``t`` is a sum of terms the rewrite can rotate: constants, MatMul/Gemm/Gather with constant weights."""
+    def expression(self, t: str, axis: int = -1) -> None:
+        """``t`` (hidden width on ``axis``) is a sum of terms the rewrite can rotate: constants, MatMul/Gemm/Gather/Conv
+        with constant weights, and what ops along the other axes make of such terms."""
         index = self.index
-        self.track(t)
+        self.track(t, axis)
         use = index.producer.get(t)
         if use is None:
             raise Refused(f"the stream is written by the graph input '{t}'")
         op = use.node
         if op.op_type == "Add":
-            for slot, name in enumerate(op.input):
-                if index.is_constant(name):
-                    self.constant(op, slot)
-                else:
-                    self.sole_use(name)
-                    self.expression(name)
-        elif op.op_type == "MatMul" and self.weight(op.input[1]):
+            for slot in range(len(op.input)):
+                self.term(op, slot, axis)
+        elif op.op_type == "MatMul" and axis == -1 and self.weight(op.input[1]):
             self.add_writer(op, 1, 1)
-        elif op.op_type == "Gemm" and not attr(op, "transA", 0) and self.weight(op.input[1]):
+        elif op.op_type == "Gemm" and axis == -1 and not attr(op, "transA", 0) and self.weight(op.input[1]):
             self.add_writer(op, 1, 0 if attr(op, "transB", 0) else 1)
             if len(op.input) > 2 and op.input[2]:
-                self.constant(op, 2)
-        elif op.op_type == "Gather" and int(attr(op, "axis", 0)) == 0 and self.weight(op.input[0]):
+                self.constant(op, 2, -1)
+        elif op.op_type == "Gather" and axis == -1 and int(attr(op, "axis", 0)) == 0 and self.weight(op.input[0]):
             self.add_writer(op, 0, 1)
-        elif op.op_type in ("Transpose", "Reshape") and self.along_other_axes(op, op.input[0]):
-            self.sole_use(op.input[0])
-            self.expression(op.input[0])
+        elif op.op_type == "Conv" and self.conv_writer(op, axis):
+            self.add_writer(op, 1, 0)
+            if len(op.input) > 2 and op.input[2]:
+                self.constant(op, 2, -1)
+        elif op.op_type in THROUGH_OPS:
+            passage = self.passage(self.through.into(op, axis), op)
+            for slot in passage.slots:
+                self.term(op, slot, passage.axis)
         else:
             raise Refused(f"the stream is written by {node_label(op)}, which cannot be rotated or sliced (only "
-                           "sums of constants and MatMul/Gemm/Gather outputs with constant weights can)")
+                           "sums of constants and MatMul/Gemm/Gather/Conv outputs with constant weights can, and "
+                           "ops along the other axes of such terms)")
 
-    def read(self, n: Norm, t: str) -> None:
-        """Every reader of the normalised stream ``t`` (a norm output or what a pass-through op made of it)."""
+    def term(self, op: onnx.NodeProto, slot: int, axis: int) -> None:
+        """Input ``slot`` of ``op`` writes the stream with the hidden width on ``axis``: a constant or an expression."""
+        name = op.input[slot]
+        if self.index.is_constant(name):
+            self.constant(op, slot, axis)
+        else:
+            self.sole_use(name)
+            self.expression(name, axis)
+
+    def passage(self, found: Passage | str, op: onnx.NodeProto) -> Passage:
+        if isinstance(found, str):
+            raise Refused(f"the stream passes through {found}")
+        if found.sized is not None and all(s.node is not op for s in self.s.sized):
+            self.s.sized.append(found.sized)
+        return found
+
+    def read(self, n: Norm, t: str, axis: int = -1) -> None:
+        """Every reader of the normalised stream ``t`` (a norm output or what a pass-through op made of it), whose
+        hidden axis is ``axis``."""
         index = self.index
-        self.track(t)
+        self.track(t, axis)
         if t in index.graph_outputs:
+            if axis != -1:
+                raise Refused(f"the graph output '{t}' has the normalised stream on axis {axis}, not the last")
             self.s.readers.append(Reader(n, None, 0, 0, None, t))
         for use in index.consumers_of(t):
             op = use.node
-            if op.op_type == "MatMul" and use.index == 0 and self.weight(op.input[1]):
+            last = axis == -1 and use.index == 0
+            onward = self.through.out_of(op, use.index, axis) if op.op_type in THROUGH_OPS else ""
+            if op.op_type == "MatMul" and last and self.weight(op.input[1]):
                 self.s.readers.append(Reader(n, op, 1, 0, self.bias_after(op), t))
-            elif op.op_type == "Gemm" and use.index == 0 and not attr(op, "transA", 0) and self.weight(op.input[1]):
+            elif op.op_type == "Gemm" and last and not attr(op, "transA", 0) and self.weight(op.input[1]):
                 if len(op.input) > 2 and op.input[2] and not index.is_constant(op.input[2]):
                     raise Refused(f"{node_label(op)}: its C input is computed")
                 alpha, beta = float(attr(op, "alpha", 1.0)), float(attr(op, "beta", 1.0))
                 if beta == 0:
                     raise Refused(f"{node_label(op)}: beta = 0 leaves no bias to take the norm's shift")
                 self.s.readers.append(Reader(n, op, 1, 1 if attr(op, "transB", 0) else 0, (op, 2), t, alpha / beta))
-            elif op.op_type in ALONG_OTHER_AXES and use.index == 0 and self.along_other_axes(op, t):
-                self.read(n, op.output[0])
+            elif isinstance(onward, Passage):
+                self.read(n, op.output[0], self.passage(onward, op).axis)
             elif op.op_type == "Shape":
                 self.shape(op)
             elif self.s.post_ln and op.op_type == "Add" and op.output[0] in self.xs:
                 continue  # the residual Add into the next norm
             else:
                 raise Refused(f"{node_label(op)} reads the normalised stream '{t}' and is not a MatMul or Gemm "
-                               "with a constant weight")
+                               "with a constant weight" + (f" ({onward})" if onward else ""))
 
     # -- small checks ---------------------------------------------------------------------------------------------
 
-    def track(self, t: str) -> None:
-        width = self.width(t)
+    def track(self, t: str, axis: int = -1) -> None:
+        shape = self.dims(t)
+        width = shape[axis] if shape is not None and -len(shape) <= axis else None
         if width is not None and width != self.s.width:
-            raise Refused(f"'{t}' on the stream has last axis {width}, not the hidden width {self.s.width}")
+            raise Refused(f"'{t}' on the stream has {width} on its hidden axis, not the hidden width {self.s.width}")
         if t not in self.seen:
             self.seen.add(t)
             self.s.tensors.append(t)
+            self.s.axes[t] = axis
             if self.rank(t):
                 self.s.ranks[t] = self.rank(t)
+        elif self.s.axes[t] != axis:
+            raise Refused(f"'{t}' is on the stream with the hidden width on two different axes")
 
     def sole_use(self, t: str) -> None:
         """``t`` feeds one node, apart from Shape nodes (recorded)."""
@@ -251,35 +285,29 @@ class _Walk:
         if len([u for u in uses if u.node.op_type != "Shape"]) != 1 or t in self.index.graph_outputs:
             raise Refused(f"'{t}', a term of the stream, is also read elsewhere")
 
-    def keeps_last_axis(self, op: onnx.NodeProto) -> bool:
-        """A Reshape that leaves the hidden axis last and whole (merging or splitting only the others); a constant
-        target, which says the width, is recorded for the rewrite."""
-        if self.width(op.input[0]) != self.s.width or self.width(op.output[0]) != self.s.width:
-            return False
-        if not self.index.is_constant(op.input[1]):
-            return True  # computed from Shape nodes, which the rewrite sees to
-        target = self.index.const_value(op.input[1]).reshape(-1)
-        if int(target[-1]) != self.s.width:
-            return False
-        if all(op is not r for r in self.s.reshapes):
-            self.s.reshapes.append(op)
-        return True
-
     def weight(self, name: str) -> bool:
         value = self.index.const_value(name) if self.index.is_constant(name) else None
         return value is not None and value.ndim == 2 and value.dtype == np.float32
+
+    def conv_writer(self, op: onnx.NodeProto, axis: int) -> bool:
+        """A Conv (a patch embedding) with a constant float32 weight, writing the stream on its channel axis."""
+        value = self.index.const_value(op.input[1]) if self.index.is_constant(op.input[1]) else None
+        return (value is not None and value.dtype == np.float32 and value.ndim >= 3 and axis == 1 - value.ndim
+                and int(attr(op, "group", 1)) == 1)
 
     def add_writer(self, node: onnx.NodeProto, slot: int, axis: int) -> None:
         if self.index.const_value(node.input[slot]).shape[axis] != self.s.width:
             raise Refused(f"{node_label(node)}: its weight does not have the hidden width")
         self.s.writers.append(Writer(node, slot, axis))
 
-    def constant(self, node: onnx.NodeProto, slot: int) -> None:
+    def constant(self, node: onnx.NodeProto, slot: int, axis: int) -> None:
+        """A constant added to (or making) a stream term whose hidden axis is ``axis``; broadcasting aligns trailing
+        axes, so the constant's hidden axis is ``axis`` too."""
         value = self.index.const_value(node.input[slot])
-        if value.ndim == 0 or value.shape[-1] != self.s.width or value.dtype != np.float32:
+        if value.ndim < -axis or value.shape[axis] != self.s.width or value.dtype != np.float32:
             raise Refused(f"the constant '{node.input[slot]}' added to the stream is not float32 with the hidden "
-                           "width on its last axis")
-        self.s.writers.append(Writer(node, slot, value.ndim - 1))
+                           f"width on its axis {axis}")
+        self.s.writers.append(Writer(node, slot, value.ndim + axis))
 
     def bias_after(self, matmul: onnx.NodeProto) -> tuple[onnx.NodeProto, int] | None:
         """The Add of a constant vector right after a MatMul (its bias), as (node, slot); None if there is none."""
@@ -292,30 +320,6 @@ class _Walk:
         if value is None or value.ndim == 0 or value.shape[-1] != outputs or value.size != outputs:
             return None
         return add, slot
-
-    def along_other_axes(self, op: onnx.NodeProto, t: str) -> bool:
-        rank = self.rank(t)
-        if rank is None:
-            return False
-        if op.op_type == "Gather":
-            return int(attr(op, "axis", 0)) % rank != rank - 1
-        if op.op_type == "Transpose":
-            perm = attr(op, "perm", None)
-            return perm is not None and int(perm[-1]) == rank - 1
-        if op.op_type == "Reshape":
-            return self.keeps_last_axis(op)
-        slot = 1 if op.op_type == "ReduceMean" else 3
-        axes = attr(op, "axes", None)
-        if len(op.input) > slot and op.input[slot]:
-            axes = self.index.const_value(op.input[slot]) if self.index.is_constant(op.input[slot]) else None
-            if axes is None:
-                return False
-        if axes is None:  # ReduceMean over every axis; Slice over its first len(starts) axes
-            if op.op_type == "ReduceMean":
-                return False
-            starts = self.index.const_value(op.input[1]) if self.index.is_constant(op.input[1]) else None
-            axes = None if starts is None else range(len(starts))
-        return axes is not None and all(int(a) % rank != rank - 1 for a in np.ravel(list(axes)))
 
     def shape(self, op: onnx.NodeProto) -> None:
         if attr(op, "start", None) is not None or attr(op, "end", None) is not None:
