@@ -1,9 +1,11 @@
 """Small transformer encoders built with onnx.helper, for the hidden-width tests and tools/bench_hidden.py.
 
-Each is an embedding (MatMul + bias + position table), blocks of multi-head attention (q/k/v MatMul + Add, Reshape
+Each is an embedding (MatMul + bias + position table; or a ViT's: 2x2 patches by a Conv, flattened and transposed to
+tokens, a class token Expanded to the batch and Concatenated on the sequence axis), blocks of multi-head attention (q/k/v MatMul + Add, Reshape
 to heads by a constant [0, 0, H, D], score MatMul, scale, Softmax, context MatMul, output projection) and an FFN
 (MatMul, SiLU, MatMul), arranged pre-LN (``x + f(norm(x))``, a final norm) or post-LN (``norm(x + f(x))``, BERT's
-norm after the embedding too), then mean pooling over the sequence and a Gemm head. Weights are random with a
+norm after the embedding too), then mean pooling over the sequence (a ViT: its class token, by Gather or by
+Slice + Squeeze) and a Gemm head. Weights are random with a
 few dominant stream directions (as trained models have), so PCA slicing has something to find.
 """
 
@@ -117,6 +119,28 @@ class _Builder:
     def dim(self, x: str, axis: int) -> str:
         return self.op("Gather", [self.op("Shape", [x]), self.const(np.array([axis], np.int64), "axis")], axis=0)
 
+    def patches(self, x: str, width: int, mixing: np.ndarray) -> str:
+        """A ViT's tokens from a [B, 1, 8, 8] image, as torch exports them: a 2x2 Conv with stride 2, Reshape to
+        [B, D, 16] (a constant target spelling the width), Transpose to [B, 16, D]; a [1, 1, D] class token Expanded
+        to [B, 1, D] by a shape computed from the input's, Concatenated before them on the sequence axis."""
+        kernel = (self.rng.standard_normal((4, width)) @ np.diag(mixing) / 2).T.reshape(width, 1, 2, 2)
+        conv = self.op("Conv", [x, self.const(kernel.astype(np.float32), "patch_w"),
+                                self.const((0.1 * self.rng.standard_normal(width)).astype(np.float32), "patch_b")],
+                       kernel_shape=[2, 2], strides=[2, 2])
+        flat = self.op("Reshape", [conv, self.const(np.array([0, width, -1], np.int64), "flatten")])
+        tokens = self.op("Transpose", [flat], perm=[0, 2, 1])
+        shape = self.op("Concat", [self.dim(x, 0), self.const(np.array([1, 1], np.int64), "ones")], axis=0)
+        token = self.const((self.rng.standard_normal((1, 1, width)) * mixing).astype(np.float32), "cls")
+        return self.op("Concat", [self.op("Expand", [token, shape]), tokens], axis=1)
+
+    def class_token(self, x: str, by: str) -> str:
+        """The class token of [B, S, D]: Gather of index 0 on the sequence axis, or Slice [0:1] and Squeeze."""
+        if by == "gather":
+            return self.op("Gather", [x, self.const(np.array(0, np.int64), "first")], axis=1)
+        first = self.op("Slice", [x, self.const(np.array([0], np.int64), "start"), self.const(
+            np.array([1], np.int64), "stop"), self.const(np.array([1], np.int64), "axes")])
+        return self.op("Squeeze", [first, self.const(np.array([1], np.int64), "axes")])
+
     def pool(self, x: str) -> str:
         if self.opset >= 18:
             return self.op("ReduceMean", [x, self.const(np.array([1], np.int64), "axes")], keepdims=0)
@@ -126,17 +150,22 @@ class _Builder:
 def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: int = 32, heads: int = 4,
             ffn: int = 64, seq: int = 8, features: int = 16, classes: int = 10, seed: int = 0,
             sequence_output: bool = False, tokens: int = 0, gemm_style: bool = False,
-            fused_gelu: bool = False) -> onnx.ModelProto:
+            fused_gelu: bool = False, vit: str = "") -> onnx.ModelProto:
     """A small encoder (see the module docstring); ``sequence_output``: the final normalised sequence is a graph
     output too (it must keep its width); ``tokens``: the input is int64 token ids embedded by a Gather from a table
     of this many rows (BERT's word embedding) instead of float features and a MatMul; ``gemm_style``: the attention
     output and the FFN work on [B*S, D] rows through Gemm, as torch's nn.MultiheadAttention exports them;
-    ``fused_gelu``: the FFN's bias and GELU are onnxruntime's com.microsoft BiasGelu, as its optimizer writes them."""
+    ``fused_gelu``: the FFN's bias and GELU are onnxruntime's com.microsoft BiasGelu, as its optimizer writes them;
+    ``vit`` ("gather" or "slice"): the input is a [B, 1, 8, 8] image cut into 16 patches plus a class token (``seq``
+    becomes 17), and the head reads the class token that way."""
     opset = 23 if norm == "rms23" else 17
     b = _Builder(seed, opset, gemm_style, fused_gelu)
     # a stream with a few strong directions: the embedding writes mostly into a low-dimensional subspace
     mixing = b.rng.standard_normal((features, width)) * np.linspace(3.0, 0.2, width) / np.sqrt(features)
-    if tokens:
+    if vit:
+        seq = 17
+        embedded = b.patches("x", width, np.linspace(3.0, 0.2, width))
+    elif tokens:
         table = b.rng.standard_normal((tokens, features)) @ mixing
         embedded = b.op("Gather", [b.const(table.astype(np.float32), "word_table"), "x"], axis=0)
     else:
@@ -155,13 +184,13 @@ def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: 
             stream = b.op("Add", [stream, b.attention(b.norm(stream, width, norm), width, heads)])
             stream = b.op("Add", [stream, b.ffn(b.norm(stream, width, norm), width, ffn)])
     final = stream if post_ln else b.norm(stream, width, norm)
-    logits = b.op("Gemm", [b.pool(final), b.weight((classes, width), "head_w"),
+    logits = b.op("Gemm", [b.class_token(final, vit) if vit else b.pool(final), b.weight((classes, width), "head_w"),
                            b.const(np.zeros(classes, np.float32), "head_b")], transB=1)
     outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", classes])]
     if sequence_output:
         outputs.append(helper.make_tensor_value_info(final, TensorProto.FLOAT, ["batch", seq, width]))
     source = helper.make_tensor_value_info("x", TensorProto.INT64, ["batch", seq]) if tokens else \
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, features])
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8] if vit else ["batch", seq, features])
     graph = helper.make_graph(b.nodes, "encoder", [source], outputs, b.inits)
     imports = [helper.make_opsetid("", opset)]
     if norm == "simplified" or fused_gelu:  # contrib ops: with com.microsoft imported, the input check lets ORT judge

@@ -201,10 +201,27 @@ class Through:
 
     def _reshape(self, op, axis, backward):
         """The hidden axis stays whole when it keeps its width and the axes after it hold as many elements on both
-        sides (then those before it do too): merging or splitting only the other axes."""
+        sides (then those before it do too): merging or splitting only the other axes. Without static shapes, a
+        target whose entries up to the hidden axis copy the input's (0, or the input's own Shape entries, as torch
+        writes ``x.flatten(2)``) keeps it in place."""
         source, target = self.dims(op.input[0]), self.dims(op.output[0])
-        if source is None or target is None:
+        found = None if source is None or target is None else self._reshape_static(source, target, axis, backward)
+        if found is None:
+            found = self._reshape_copied(op, source, target, axis, backward)
+        if found is None:
             return None
+        p_in, p_out, rank_other = found
+        passage = Passage([0], (p_in if backward else p_out) - rank_other)
+        entries = self.const(op.input[1])
+        if entries is not None:
+            entry = int(entries[p_out])
+            if entry == self.width:
+                passage.sized = Sized(op, 1, p_out)
+            elif not (entry == -1 or (entry == 0 and p_in == p_out and not attr(op, "allowzero", 0))):
+                return None
+        return passage
+
+    def _reshape_static(self, source: list, target: list, axis: int, backward: bool):
         known, other = (target, source) if backward else (source, target)
         position = len(known) + axis
         after = _product(known[position + 1:])
@@ -214,16 +231,43 @@ class Through:
                      None)
         if match is None:
             return None
-        p_in, p_out = (match, position) if backward else (position, match)
-        passage = Passage([0], (match - len(other)))
-        entries = self.const(op.input[1])
-        if entries is not None:
-            entry = int(entries[p_out])
-            if entry == self.width:
-                passage.sized = Sized(op, 1, p_out)
-            elif not (entry == -1 or (entry == 0 and p_in == p_out and not attr(op, "allowzero", 0))):
+        return ((match, position) if backward else (position, match)) + (len(other),)
+
+    def _reshape_copied(self, op: onnx.NodeProto, source: list | None, target: list | None, axis: int,
+                        backward: bool):
+        items = self.entries(op.input[1])
+        if items is None:
+            return None
+        rank_known = len(items) if backward else (None if source is None else len(source))
+        if rank_known is None:
+            return None
+        position = rank_known + axis
+        if position >= len(items) or (source is not None and position >= len(source)):
+            return None
+        copied = all(item == 0 or item == (op.input[0], q) for q, item in enumerate(items[:position + 1]))
+        if not copied or attr(op, "allowzero", 0) or (source is not None and source[position] not in (None, self.width)):
+            return None
+        if backward:
+            return (position, position, len(source)) if source is not None else None
+        return position, position, len(items)
+
+    def entries(self, name: str) -> list | None:
+        """A shape vector's entries as ints or (tensor, axis) run-time dims, as GraphIndex.shape_items, which this
+        extends by a Slice of a Shape with constant bounds (torch's ``x.shape[:2]``) inside a Concat."""
+        producer = self.index.producer.get(name)
+        node = None if producer is None else producer.node
+        if node is not None and node.op_type == "Concat":
+            parts = [self.entries(piece) for piece in node.input]
+            return None if any(p is None for p in parts) else [e for p in parts for e in p]
+        if node is not None and node.op_type == "Slice" and len(node.input) in (3, 4):
+            source = self.index.producer.get(node.input[0])
+            bounds = [self.const(n) for n in node.input[1:]]
+            rank = None if source is None or source.node.op_type != "Shape" else self.rank(source.node.input[0])
+            if rank is None or any(b is None for b in bounds) or attr(source.node, "start", None) is not None \
+                    or (len(bounds) == 3 and list(bounds[2]) != [0]):
                 return None
-        return passage
+            return [(source.node.input[0], q) for q in range(rank)[int(bounds[0][0]):int(bounds[1][0])]]
+        return self.index.shape_items(name)
 
 
 def _product(dims: list) -> int | None:
