@@ -261,3 +261,61 @@ def test_a_rewrite_that_changes_the_outputs_writes_nothing(tmp_path, model_copy,
     assert code == 4
     assert_one_error(err, "without slicing changed the outputs", "0.5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "transformer.onnx"]
+
+
+def test_vit_stream_runs_through_the_class_token_and_the_patch_embedding():
+    """digits_vit.onnx writes its stream as Concat(Expand(cls), Transpose(Reshape(Conv))) + pos: the Concat on the
+    sequence axis, the Expand, Transpose and Reshape pass it through, the hidden axis is the Conv's channel axis
+    (-3), and the head reads the class token through a Gather on the sequence axis."""
+    stream = find_stream(GraphIndex(from_proto(_digits_vit())))
+    assert not isinstance(stream, str), stream
+    writers = Counter((w.node.op_type, w.node.input[w.slot], w.axis) for w in stream.writers)
+    assert {("Conv", "patch.weight", 0), ("Conv", "patch.bias", 0), ("Expand", "cls", 2), ("Add", "pos", 2)} <= \
+        set(writers)
+    assert stream.axes["/patch/Conv_output_0"] == -3 and stream.axes["/Reshape_output_0"] == -2
+    assert stream.axes["/Concat_2_output_0"] == -1 and stream.axes["/Gather_1_output_0"] == -1
+    assert any(r.node is not None and r.node.name == "/head/Gemm" for r in stream.readers)
+    assert [s.name for s in stream.shapes] == []  # Shape(conv) only sizes the Reshape of the stream: it follows
+
+
+def test_vit_pca_slicing_keeps_held_out_accuracy_better_than_a_random_rotation():
+    """The trained ViT at --hidden 0.25 without recovery: within one point of the original's held-out top-1
+    (measured 96.66% against 96.94%), and above the same slicing of a random rotation."""
+    model = _digits_vit()
+    val = np.load(MODELS / "digits_val.npz")
+    batches = [dict(np.load(MODELS / "digits_calib.npz"))]
+    top1 = lambda proto: float(np.mean(run(proto, {"input": val["input"]})[0].argmax(1) == val["labels"]))
+    pca, plan = _rewrite(model, 0.25, batches)
+    keep = plan.sliced.shape[1]
+    random_q = np.linalg.qr(np.random.default_rng(0).standard_normal(plan.full.shape))[0]
+    chance, _ = _rewrite(model, 0.25, batches, basis=lambda p: random_q[:, :keep])
+    assert top1(pca) >= top1(model) - 0.01
+    assert top1(pca) > top1(chance)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("""<ir_version: 8, opset_import: ["" : 17]> g (float[2, 3, 2] x) => (float[2, 3, 4] y) {
+        w = Constant <value = float[2, 2] {1, 2, 3, 4}> ()
+        a = MatMul (x, w)
+        b = MatMul (x, w)
+        c = Concat <axis = -1> (a, b)
+        s = Constant <value = float[4] {1, 1, 1, 1}> ()
+        n = LayerNormalization <axis = -1> (c, s)
+        v = Constant <value = float[4, 4] {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}> ()
+        f = MatMul (n, v)
+        r = Add (c, f)
+        y = LayerNormalization <axis = -1> (r, s) }""", "concatenates along the hidden axis"),
+    ("""<ir_version: 8, opset_import: ["" : 17]> g (float[2, 3, 4] x) => (float[2, 3] y) {
+        w = Constant <value = float[4, 4] {1,0,0,0, 0,1,0,0, 0,0,1,0, 0,0,0,1}> ()
+        c = MatMul (x, w)
+        s = Constant <value = float[4] {1, 1, 1, 1}> ()
+        n = LayerNormalization <axis = -1> (c, s)
+        f = MatMul (n, w)
+        r = Add (c, f)
+        m = LayerNormalization <axis = -1> (r, s)
+        i = Constant <value = int64 {0}> ()
+        y = Gather <axis = 2> (m, i) }""", "gathers along the hidden axis"),
+], ids=["concat-on-hidden-axis", "gather-on-hidden-axis"])
+def test_ops_that_move_the_hidden_axis_itself_are_refused_with_the_reason(text, reason):
+    found = find_stream(GraphIndex(from_proto(onnx.parser.parse_model(text))))
+    assert isinstance(found, str) and reason in found, found
