@@ -119,10 +119,11 @@ class _Builder:
     def dim(self, x: str, axis: int) -> str:
         return self.op("Gather", [self.op("Shape", [x]), self.const(np.array([axis], np.int64), "axis")], axis=0)
 
-    def patches(self, x: str, width: int, mixing: np.ndarray) -> str:
+    def patches(self, x: str, width: int, mixing: np.ndarray, tile: bool) -> str:
         """A ViT's tokens from a [B, 1, 8, 8] image, as torch exports them: a 2x2 Conv with stride 2, Reshape to
         [B, D, 16] (a constant target spelling the width), Transpose to [B, 16, D]; a [1, 1, D] class token Expanded
-        to [B, 1, D] by a shape computed from the input's, Concatenated before them on the sequence axis."""
+        to [B, 1, D] by a shape computed from the input's (``tile``: a [1, D] token Unsqueezed, then Tiled by
+        computed repeats, as ``repeat`` exports), Concatenated before them on the sequence axis."""
         kernel = (self.rng.standard_normal((4, width)) @ np.diag(mixing) / 2).T.reshape(width, 1, 2, 2)
         conv = self.op("Conv", [x, self.const(kernel.astype(np.float32), "patch_w"),
                                 self.const((0.1 * self.rng.standard_normal(width)).astype(np.float32), "patch_b")],
@@ -131,7 +132,21 @@ class _Builder:
         tokens = self.op("Transpose", [flat], perm=[0, 2, 1])
         shape = self.op("Concat", [self.dim(x, 0), self.const(np.array([1, 1], np.int64), "ones")], axis=0)
         token = self.const((self.rng.standard_normal((1, 1, width)) * mixing).astype(np.float32), "cls")
+        if tile:
+            flat_token = self.const(numpy_helper.to_array(self.inits.pop()).reshape(1, width), "cls")
+            token = self.op("Unsqueeze", [flat_token, self.const(np.array([0], np.int64), "axes")])
+            return self.op("Concat", [self.op("Tile", [token, shape]), tokens], axis=1)
         return self.op("Concat", [self.op("Expand", [token, shape]), tokens], axis=1)
+
+    def positions(self, seq: int, width: int, sliced: bool) -> str:
+        """The position table [1, seq, D]; ``sliced``: the first ``seq`` rows of a longer one, by Slice."""
+        rows = 2 * seq if sliced else seq
+        table = self.const((0.3 * self.rng.standard_normal((1, rows, width))).astype(np.float32), "pos")
+        if not sliced:
+            return table
+        return self.op("Slice", [table, self.const(np.array([0], np.int64), "start"),
+                                 self.const(np.array([seq], np.int64), "stop"),
+                                 self.const(np.array([1], np.int64), "axes")])
 
     def class_token(self, x: str, by: str) -> str:
         """The class token of [B, S, D]: Gather of index 0 on the sequence axis, or Slice [0:1] and Squeeze."""
@@ -156,15 +171,16 @@ def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: 
     of this many rows (BERT's word embedding) instead of float features and a MatMul; ``gemm_style``: the attention
     output and the FFN work on [B*S, D] rows through Gemm, as torch's nn.MultiheadAttention exports them;
     ``fused_gelu``: the FFN's bias and GELU are onnxruntime's com.microsoft BiasGelu, as its optimizer writes them;
-    ``vit`` ("gather" or "slice"): the input is a [B, 1, 8, 8] image cut into 16 patches plus a class token (``seq``
-    becomes 17), and the head reads the class token that way."""
+    ``vit`` ("gather", "slice" or "tile"): the input is a [B, 1, 8, 8] image cut into 16 patches plus a class token
+    (``seq`` becomes 17), and the head reads the class token by Gather or Slice + Squeeze ("tile": Gather, the class
+    token Unsqueezed and Tiled, the positions Sliced from a longer table)."""
     opset = 23 if norm == "rms23" else 17
     b = _Builder(seed, opset, gemm_style, fused_gelu)
     # a stream with a few strong directions: the embedding writes mostly into a low-dimensional subspace
     mixing = b.rng.standard_normal((features, width)) * np.linspace(3.0, 0.2, width) / np.sqrt(features)
     if vit:
         seq = 17
-        embedded = b.patches("x", width, np.linspace(3.0, 0.2, width))
+        embedded = b.patches("x", width, np.linspace(3.0, 0.2, width), tile=vit == "tile")
     elif tokens:
         table = b.rng.standard_normal((tokens, features)) @ mixing
         embedded = b.op("Gather", [b.const(table.astype(np.float32), "word_table"), "x"], axis=0)
@@ -172,8 +188,7 @@ def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: 
         embedded = b.op("MatMul", ["x", b.const(mixing.astype(np.float32), "embed_w")])
         embedded = b.op("Add", [b.const((0.1 * b.rng.standard_normal(width)).astype(np.float32), "embed_b"),
                                 embedded])
-    stream = b.op("Add", [embedded, b.const((0.3 * b.rng.standard_normal((1, seq, width))).astype(np.float32),
-                                            "pos")])
+    stream = b.op("Add", [embedded, b.positions(seq, width, sliced=vit == "tile")])
     if post_ln:
         stream = b.norm(stream, width, norm)
     for _ in range(layers):
@@ -184,7 +199,7 @@ def encoder(post_ln: bool = False, norm: str = "layer", layers: int = 2, width: 
             stream = b.op("Add", [stream, b.attention(b.norm(stream, width, norm), width, heads)])
             stream = b.op("Add", [stream, b.ffn(b.norm(stream, width, norm), width, ffn)])
     final = stream if post_ln else b.norm(stream, width, norm)
-    logits = b.op("Gemm", [b.class_token(final, vit) if vit else b.pool(final), b.weight((classes, width), "head_w"),
+    logits = b.op("Gemm", [b.class_token(final, "slice" if vit == "slice" else "gather") if vit else b.pool(final), b.weight((classes, width), "head_w"),
                            b.const(np.zeros(classes, np.float32), "head_b")], transB=1)
     outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", classes])]
     if sequence_output:

@@ -74,7 +74,7 @@ CASES += [pytest.param(lambda post=post: encoder(post, "decomposed", gemm_style=
 CASES += [pytest.param(lambda post=post: encoder(post, "layer", fused_gelu=True),
                        id=f"{'post' if post else 'pre'}-biasgelu") for post in (False, True)]
 CASES += [pytest.param(lambda post=post, by=by: encoder(post, "layer", vit=by), id=f"{'post' if post else 'pre'}-vit-{by}")
-          for post in (False, True) for by in ("gather", "slice")]
+          for post in (False, True) for by in ("gather", "slice", "tile")]
 MODEL_FILES = [pytest.param(_transformer, id="transformer.onnx"), pytest.param(_digits_vit, id="digits_vit.onnx")]
 
 

@@ -106,9 +106,9 @@ class Through:
         return Passage([0], axis, sized)
 
     def _tile(self, op, axis, backward):
-        repeats = self.const(op.input[1])
-        if repeats is None or int(repeats[axis]) != 1:
-            return "repeats along the hidden axis (or by computed repeats)"
+        repeats = self.entries(op.input[1])
+        if repeats is None or -axis > len(repeats) or repeats[axis] != 1:
+            return "repeats along the hidden axis (or by repeats it cannot read)"
         return Passage([0], axis)
 
     def _listed_axes(self, op: onnx.NodeProto, slot: int) -> list[int] | None:
