@@ -319,3 +319,20 @@ def test_vit_pca_slicing_keeps_held_out_accuracy_better_than_a_random_rotation()
 def test_ops_that_move_the_hidden_axis_itself_are_refused_with_the_reason(text, reason):
     found = find_stream(GraphIndex(from_proto(onnx.parser.parse_model(text))))
     assert isinstance(found, str) and reason in found, found
+
+
+def test_cli_digits_vit_with_channels_and_recovery(tmp_path, capsys):
+    """End to end on the trained ViT: --hidden with --channels and lsq recovery, whose kept indices include the
+    Conv's channel axis (the hidden axis is not last there); the input stays as it was, top-1 within two points."""
+    path = tmp_path / "digits_vit.onnx"  # not in the zoo manifest model_copy reads
+    path.write_bytes((MODELS / "digits_vit.onnx").read_bytes())
+    before = path.read_bytes()
+    out = tmp_path / "v.onnx"
+    code, stdout, err = run_main([path, "--hidden", "0.25", "--channels", "0.3", "--calib",
+                                  MODELS / "digits_calib.npz", "--calib-limit", "64", "-o", out], capsys)
+    assert code == 0, err
+    assert "hidden width 48 -> 36 (pre-LN" in stdout and "recovery lsq" in stdout
+    assert path.read_bytes() == before
+    val = np.load(MODELS / "digits_val.npz")
+    top1 = lambda p: float(np.mean(run(onnx.load(p), {"input": val["input"]})[0].argmax(1) == val["labels"]))
+    assert top1(out) >= top1(path) - 0.02
