@@ -223,7 +223,7 @@ class _Walk:
 
     def passage(self, found: Passage | str, op: onnx.NodeProto) -> Passage:
         if isinstance(found, str):
-            raise Refused(f"the stream passes through {found}")
+            raise Refused(f"the stream cannot pass: {found}")
         if found.sized is not None and all(s.node is not op for s in self.s.sized):
             self.s.sized.append(found.sized)
         return found
