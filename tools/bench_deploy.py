@@ -126,7 +126,7 @@ def build_files(name: str, source: Path, calib_path: Path, calib: np.ndarray, fo
     for correct in (False, True):  # what the bias correction costs: quantize_model alone, without and with it
         model = load_model(files["pruned"])
         t = time.perf_counter()
-        quantize_model(model, "int8", "minmax", batches, correct_bias=correct)
+        quantize_model(model, "int8", "minmax", batches, recover="bias" if correct else "none")
         QUANTIZE_SECONDS.setdefault(name, []).append(time.perf_counter() - t)
         if not correct and not nobc.is_file():
             onnx.save(model.proto, str(nobc))
