@@ -63,19 +63,21 @@ def to_grid(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (q.astype(np.float32) * scale).astype(np.float64)
 
 
-def gptq_round(w: np.ndarray, hessian: Hessian, scale: np.ndarray) -> np.ndarray:
+def gptq_round(w: np.ndarray, hessian: Hessian, scale: np.ndarray, free: int = 0) -> np.ndarray:
     """Round ``w`` [K, O] onto the grid of ``scale`` [O], compensating on the rows not rounded yet; zeros stay zero
     and each column's largest |w| stays as it is. Rows are visited in descending Hessian diagonal (GPTQ's act
-    order: the inputs with the most energy first, while the most rows are left to absorb their error)."""
+    order: the inputs with the most energy first, while the most rows are left to absorb their error); the last
+    ``free`` rows (a bias: the quantizer keeps it nearly continuous, int32) are visited last and only compensate."""
     w = w.astype(np.float64)
+    rounded = w.shape[0] - free
     held = w == 0
-    held[np.argmax(np.abs(w), axis=0), np.arange(w.shape[1])] = True
+    held[np.argmax(np.abs(w[:rounded]), axis=0), np.arange(w.shape[1])] = True
 
     def project(row: int, column: np.ndarray) -> np.ndarray:
-        return np.where(held[row], w[row], to_grid(column, scale))
+        return column if row >= rounded else np.where(held[row], w[row], to_grid(column, scale))
 
-    order = np.argsort(-np.diag(hessian.gram), kind="stable")
-    return obs_sweep(w, hessian, w.shape[0], order=order, project=project)
+    order = np.argsort(-np.diag(hessian.gram)[:rounded], kind="stable")
+    return obs_sweep(w, hessian, rounded, order=order, project=project)
 
 
 def layer_error(gram: np.ndarray, change: np.ndarray) -> float:
@@ -98,7 +100,8 @@ def _layers(index: GraphIndex, keep_float: set[str]) -> tuple[list[tuple[onnx.No
 
 def _grams(proto: onnx.ModelProto, layers: list[tuple[onnx.NodeProto, Layer]], batches: list[Feed]
            ) -> list[np.ndarray]:
-    """Each layer's Gram matrix X^T X of its input rows (conv: im2col patches at sampled positions)."""
+    """Each layer's Gram matrix X^T X of its input rows (conv: im2col patches at sampled positions), with a last
+    feature of ones (the bias's input)."""
     names = list(dict.fromkeys(t for node, _ in layers for t in (node.input[0], node.output[0])))
     grams: list[np.ndarray | None] = [None] * len(layers)
     rng = np.random.default_rng(0)
@@ -106,6 +109,7 @@ def _grams(proto: onnx.ModelProto, layers: list[tuple[onnx.NodeProto, Layer]], b
         seen = dict(zip(names, values))
         for i, (node, layer) in enumerate(layers):
             rows, _ = layer.rows(node, seen[node.input[0]], seen[node.output[0]], rng)
+            rows = np.hstack([rows, np.ones((len(rows), 1))])  # the bias's input, last
             gram = rows.T @ rows
             grams[i] = gram if grams[i] is None else grams[i] + gram
     return grams
@@ -124,21 +128,40 @@ def round_layers(model: LoadedModel, batches: list[Feed], keep_float: tuple[str,
     if not layers or not batches:
         return result
     for (node, layer), gram in zip(layers, _grams(model.proto, layers, batches)):
-        weight = index.const_value(layer.weight)
-        matrix = layer.to_matrix(weight.astype(np.float64))
-        scale = grid_scale(matrix)
-        nearest, rounded = to_grid(matrix, scale), matrix.copy()
-        for features, outputs in layer.blocks(matrix.shape):
-            block = matrix[features, outputs]
-            rounded[features, outputs] = gptq_round(block, Hessian(gram[features, features], DAMP), scale[outputs])
-        before = sum(layer_error(gram[f, f], nearest[f, o] - matrix[f, o]) for f, o in layer.blocks(matrix.shape))
-        after = sum(layer_error(gram[f, f], rounded[f, o] - matrix[f, o]) for f, o in layer.blocks(matrix.shape))
-        if not after < before:
+        change = _round_layer(index, layer, gram)
+        if change is None:
             result.not_better += 1
             continue
         result.layers += 1
-        result.error_nearest += before
-        result.error_gptq += after
-        values = layer.from_matrix(rounded, weight.shape).astype(np.float32)
-        index.initializers[layer.weight].CopyFrom(numpy_helper.from_array(values, layer.weight))
+        result.error_nearest += change[0]
+        result.error_gptq += change[1]
     return result
+
+
+def _round_layer(index: GraphIndex, layer: Layer, gram: np.ndarray) -> tuple[float, float] | None:
+    """Round one layer in place (its bias, when it has one, compensates too): the output error on the calibration
+    rows of round-to-nearest and of GPTQ, or None (left as it is) when GPTQ is no better."""
+    weight = index.const_value(layer.weight)
+    matrix = layer.to_matrix(weight.astype(np.float64))
+    k = matrix.shape[0]
+    bias = index.const_value(layer.bias).reshape(-1).astype(np.float64) if layer.bias in index.initializers else None
+    full = np.vstack([matrix, np.zeros((1, matrix.shape[1])) if bias is None else bias[None, :]])
+    scale = grid_scale(matrix)
+    nearest, rounded = np.vstack([to_grid(matrix, scale), full[-1:]]), full.copy()
+    blocks = [(np.r_[f.start:f.stop, k], o) for f, o in layer.blocks(matrix.shape)]
+    free = int(bias is not None)
+    for f, o in blocks:
+        f = f if free else f[:-1]
+        rounded[np.ix_(f, np.arange(o.start, o.stop))] = gptq_round(full[np.ix_(f, np.arange(o.start, o.stop))],
+                                                                   Hessian(gram[np.ix_(f, f)], DAMP), scale[o], free)
+    before = sum(layer_error(gram[np.ix_(f, f)], (nearest - full)[f, o]) for f, o in blocks)
+    after = sum(layer_error(gram[np.ix_(f, f)], (rounded - full)[f, o]) for f, o in blocks)
+    if not after < before:
+        return None
+    index.initializers[layer.weight].CopyFrom(numpy_helper.from_array(
+        layer.from_matrix(rounded[:k], weight.shape).astype(np.float32), layer.weight))
+    if bias is not None:
+        shape = numpy_helper.to_array(index.initializers[layer.bias]).shape
+        index.initializers[layer.bias].CopyFrom(numpy_helper.from_array(
+            rounded[k].reshape(shape).astype(np.float32), layer.bias))
+    return before, after
