@@ -78,7 +78,7 @@ def test_rounded_weights_are_exactly_what_the_quantizer_stores(rounded):
         np.testing.assert_array_equal(stored[name].astype(np.float32), mine[name].astype(np.float32))
 
 
-def test_pruned_zeros_stay_zero_and_get_no_compensation(rounded):
+def test_pruned_zeros_stay_exactly_zero(rounded):
     original, _, rounded_proto, *_ = rounded
     before, after = layer_weights(original), layer_weights(rounded_proto)
     for name in before:

@@ -29,7 +29,7 @@ from onnxprune.data.loader import Feed
 from onnxprune.data.probe import Probe
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.io import LoadedModel
-from onnxprune.graph.layers import Layer, layer_of
+from onnxprune.graph.layers import NOT_FITTED, Layer, layer_of
 from onnxprune.recovery.obs import Hessian, obs_sweep
 
 QMAX = 127  # symmetric int8: onnxruntime's range is -127..127
@@ -86,13 +86,16 @@ def layer_error(gram: np.ndarray, change: np.ndarray) -> float:
 
 
 def _layers(index: GraphIndex, keep_float: set[str]) -> tuple[list[tuple[onnx.NodeProto, Layer]], list[str]]:
+    """The layers to round, and why other weighted layers the quantizer will quantize are not (e.g. a weight
+    shared by two nodes, a reduction over MAX_FEATURES: its Hessian would not fit)."""
     found, skipped = [], []
     for node in index.graph.node:
         if node.op_type not in OPS or node.name in keep_float:
             continue
         layer = layer_of(index, node)
-        if not isinstance(layer, Layer):
-            skipped.append(f"{node.name or node.output[0]} ({layer})")
+        if not isinstance(layer, Layer):  # NOT_FITTED: no constant weight (e.g. attention's activation MatMuls)
+            if layer != NOT_FITTED:
+                skipped.append(f"{node.name or node.output[0]} ({layer})")
         elif layer.weight in index.initializers and index.initializers[layer.weight].data_type == onnx.TensorProto.FLOAT:
             found.append((node, layer))
     return found, skipped

@@ -203,6 +203,9 @@ def _round_weights(result: QuantizationResult, source: Path, target: Path, batch
             f"data {fit.error_nearest:.4g} (round to nearest) -> {fit.error_gptq:.4g}")
     if fit.not_better:
         note += f"; {fit.not_better} layers no better than round to nearest, left to the quantizer"
+    if fit.skipped:
+        more = f" and {len(fit.skipped) - 5} more" if len(fit.skipped) > 5 else ""
+        note += f"; not rounded: {', '.join(fit.skipped[:5])}{more}"
     result.notes.append(note)
     return target
 
