@@ -29,12 +29,14 @@ from onnxprune.data.loader import Feed
 from onnxprune.data.probe import Probe
 from onnxprune.graph.index import GraphIndex
 from onnxprune.graph.io import LoadedModel
-from onnxprune.graph.layers import NOT_FITTED, Layer, layer_of
+from onnxprune.graph.layers import MAX_ROWS_PER_BATCH, NOT_FITTED, Layer, layer_of
 from onnxprune.recovery.obs import Hessian, obs_sweep
 
 QMAX = 127  # symmetric int8: onnxruntime's range is -127..127
 DAMP = 0.01  # GPTQ's default damping, relative to the Hessian's mean diagonal
 OPS = ("Conv", "Gemm", "MatMul")
+ROWS_PER_FEATURE = 2  # conv rows sampled: at least this many per feature over all batches (a wide layer's Hessian
+# from fewer rows than features is singular, and rounding fitted to it looks far better on them than it is)
 
 
 @dataclass
@@ -101,8 +103,8 @@ def _layers(index: GraphIndex, keep_float: set[str]) -> tuple[list[tuple[onnx.No
     return found, skipped
 
 
-def _grams(proto: onnx.ModelProto, layers: list[tuple[onnx.NodeProto, Layer]], batches: list[Feed]
-           ) -> list[np.ndarray]:
+def _grams(proto: onnx.ModelProto, layers: list[tuple[onnx.NodeProto, Layer]], features: list[int],
+           batches: list[Feed]) -> list[np.ndarray]:
     """Each layer's Gram matrix X^T X of its input rows (conv: im2col patches at sampled positions), with a last
     feature of ones (the bias's input)."""
     names = list(dict.fromkeys(t for node, _ in layers for t in (node.input[0], node.output[0])))
@@ -111,7 +113,8 @@ def _grams(proto: onnx.ModelProto, layers: list[tuple[onnx.NodeProto, Layer]], b
     for values in Probe(proto, names, batches, label="float model").iterate(names):
         seen = dict(zip(names, values))
         for i, (node, layer) in enumerate(layers):
-            rows, _ = layer.rows(node, seen[node.input[0]], seen[node.output[0]], rng)
+            limit = max(MAX_ROWS_PER_BATCH, -(-ROWS_PER_FEATURE * features[i] // len(batches)))
+            rows, _ = layer.rows(node, seen[node.input[0]], seen[node.output[0]], rng, limit)
             rows = np.hstack([rows, np.ones((len(rows), 1))])  # the bias's input, last
             gram = rows.T @ rows
             grams[i] = gram if grams[i] is None else grams[i] + gram
@@ -130,7 +133,9 @@ def round_layers(model: LoadedModel, batches: list[Feed], keep_float: tuple[str,
     layers, result.skipped = _layers(index, set(keep_float))
     if not layers or not batches:
         return result
-    for (node, layer), gram in zip(layers, _grams(model.proto, layers, batches)):
+    shapes = [index.initializers[layer.weight].dims for _, layer in layers]
+    features = [int(np.prod(dims)) // int(dims[layer.weight_out_axis]) for dims, (_, layer) in zip(shapes, layers)]
+    for (node, layer), gram in zip(layers, _grams(model.proto, layers, features, batches)):
         change = _round_layer(index, layer, gram)
         if change is None:
             result.not_better += 1
