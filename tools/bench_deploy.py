@@ -10,8 +10,12 @@ For every model, four files:
   the reference pipeline of issue 15.
 * ``pruned``: ``onnxprune prune --channels 0.3 --calib D`` (default criterion and recovery).
 * ``pruned+int8``: ``onnxprune prune --channels 0.3 --calib D --quantize int8`` (one run, same calibration data).
-* ``pruned+int8, no bias corr.``: the ``pruned`` file through ``quantize_model(..., correct_bias=False)``: what the
+* ``pruned+int8, no bias corr.``: the ``pruned`` file through ``quantize_model(..., recover="none")``: what the
   bias correction after quantization changes.
+
+``--recovery-table`` measures no speed: it quantizes the ``pruned`` file once per ``--quant-recover`` choice (none,
+bias, gptq, gptq+bias) and prints top-1, the MSE vs the fp32 pruned model on the held-out inputs, the zeros kept and
+the seconds ``quantize_model`` took (``--sparsity S`` prunes weights instead of channels, so there are zeros to keep).
 
 Columns: ``size`` = file bytes / fp32's; ``top-1`` on ``models/digits_val.npz`` (digits models only: the full-size
 models have random weights); ``agree`` = top-1 agreement with fp32 on the evaluation inputs; ``MSE vs pruned`` = mean
@@ -29,6 +33,7 @@ Usage (from the repository root)::
     python tools/bench_deploy.py                                  # all models, CPU and OpenVINO
     python tools/bench_deploy.py --models resnet18 --rounds 20
     python tools/bench_deploy.py --models digits_resnet --no-openvino
+    python tools/bench_deploy.py --recovery-table --models digits_resnet digits_plain digits_mobile
 
 Targets (issue 15): full-size ResNet-18 pruned+int8 >= 3.5x faster than fp32 on CPU, file <= 0.13x; the digits
 residual CNN (digits_resnet) pruned+int8 within one point of fp32's top-1.
@@ -56,6 +61,7 @@ from onnxprune.data.probe import to_batches  # noqa: E402
 from onnxprune.graph.io import load_model  # noqa: E402
 from onnxprune.pipeline import PruneOptions, prune_file  # noqa: E402
 from onnxprune.quantize import quantize_model  # noqa: E402
+from onnxprune.quantize.run import QUANT_RECOVERY  # noqa: E402
 from onnxprune.validate import providers as prov  # noqa: E402
 
 FULLSIZE = ("resnet18", "mobilenetv2")
@@ -126,7 +132,7 @@ def build_files(name: str, source: Path, calib_path: Path, calib: np.ndarray, fo
     for correct in (False, True):  # what the bias correction costs: quantize_model alone, without and with it
         model = load_model(files["pruned"])
         t = time.perf_counter()
-        quantize_model(model, "int8", "minmax", batches, correct_bias=correct)
+        quantize_model(model, "int8", "minmax", batches, recover="bias" if correct else "none")
         QUANTIZE_SECONDS.setdefault(name, []).append(time.perf_counter() - t)
         if not correct and not nobc.is_file():
             onnx.save(model.proto, str(nobc))
@@ -189,6 +195,41 @@ def measure(name: str, files: dict[str, Path], eval_x: np.ndarray, labels: np.nd
     return list(rows.values())
 
 
+def recovery_rows(name: str, source: Path, calib_path: Path, folder: Path, eval_x: np.ndarray,
+                  labels: np.ndarray | None, args, log) -> list[dict]:
+    """The pruned file quantized once per ``--quant-recover`` choice, each scored against the fp32 pruned model."""
+    pruned = folder / f"{name}.pruned{'_s' if args.sparsity else ''}.onnx"
+    if not pruned.is_file():
+        options = PruneOptions(sparsity=args.sparsity, calib=str(calib_path)) if args.sparsity else \
+            PruneOptions(channels=args.ratio, calib=str(calib_path))
+        prune_file(source, pruned, options)
+    batches = to_batches({"input": np.load(calib_path)["input"][:256]}, 32)
+    reference = logits(ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"]), eval_x).astype(np.float64)
+    rows = [{"model": name, "variant": "fp32 pruned", "mse": 0.0, "seconds": 0.0,
+             "top-1": None if labels is None else float(np.mean(reference.argmax(1) == labels))}]
+    for recover in QUANT_RECOVERY:
+        model = load_model(pruned)
+        t = time.perf_counter()
+        result = quantize_model(model, "int8", "minmax", batches, recover=recover)
+        seconds = time.perf_counter() - t
+        log(f"{name} {recover}: {seconds:.1f}s; " + "; ".join(result.notes))
+        out = logits(ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"]),
+                     eval_x).astype(np.float64)
+        rows.append({"model": name, "variant": f"int8, {recover}", "mse": float(np.mean((out - reference) ** 2)),
+                     "seconds": seconds, "zeros": f"{result.zeros_before} -> {result.zeros_after}",
+                     "top-1": None if labels is None else float(np.mean(out.argmax(1) == labels))})
+    return rows
+
+
+def render_recovery(rows: list[dict]) -> str:
+    lines = ["| model | --quant-recover | top-1 | MSE vs pruned | zeros | quantize s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        top1 = "-" if r["top-1"] is None else f"{100 * r['top-1']:.2f}%"
+        lines.append(f"| {r['model']} | {r['variant']} | {top1} | {r['mse']:.4g} | {r.get('zeros', '-')} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 def render(rows: list[dict], providers: list[str]) -> str:
     shorts = [prov.short_name(p) for p in providers]
     head = ["model", "variant", "size", "top-1 (cpu)", "agree (cpu)", "MSE vs pruned (cpu)"]
@@ -239,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-openvino", action="store_true")
     ap.add_argument("--fullsize-dir", default=os.path.join(tempfile.gettempdir(), "onnxprune_fullsize"))
     ap.add_argument("--work-dir", help="keep the quantized/pruned files here and reuse them (default: a temp dir)")
+    ap.add_argument("--recovery-table", action="store_true", help="compare the --quant-recover choices (no timing)")
+    ap.add_argument("--sparsity", type=float, help="--recovery-table: prune weights (--sparsity) instead of channels")
     args = ap.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -266,9 +309,16 @@ def main(argv: list[str] | None = None) -> int:
                 val = np.load(ROOT / "models" / "digits_val.npz")
                 eval_x, labels, source = val["input"], val["labels"], ROOT / "models" / f"{name}.onnx"
                 feed = eval_x[:1]
+            if args.recovery_table:
+                rows += recovery_rows(name, source, calib_path, folder, eval_x, labels, args, log)
+                continue
             files = build_files(name, source, calib_path, calib, folder, args.ratio, log)
             rows += measure(name, files, eval_x, labels, feed, providers, args)
             log(f"{name} measured")
+    if args.recovery_table:
+        print(f"onnxruntime {ort.__version__}, load average at start {load0:.2f} / end {os.getloadavg()[0]:.2f}\n")
+        print(render_recovery(rows))
+        return 0
     print(f"onnxruntime {ort.__version__}, threads={args.threads}, rounds={args.rounds}, batch 1, cpus={os.cpu_count()}, "
           f"load average at start {load0:.2f} / end {os.getloadavg()[0]:.2f}\n")
     print(render(rows, providers))

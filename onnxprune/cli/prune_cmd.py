@@ -14,6 +14,7 @@ from onnxprune.graph.io import default_output_path
 from onnxprune.passes.channels import ATTENTION_UNITS
 from onnxprune.pipeline import PruneOptions, prune_file
 from onnxprune.quantize import kinds as quant_kinds
+from onnxprune.quantize.run import DEFAULT_QUANT_RECOVERY, QUANT_RECOVERY
 from onnxprune.recovery import registry as recovery_methods
 from onnxprune.search.budget import DEFAULT_ROUNDS, prune_to_budget
 from onnxprune.report import check_json_target, prune_dict, render_prune, write_json
@@ -89,6 +90,11 @@ class RoundToType(click.ParamType):
 @click.option("--quantize", "quantize_kind", type=click.Choice(quant_kinds.names()), help=quant_kinds.help_text())
 @click.option("--quant-method", type=click.Choice(list(quant_kinds.METHODS)), default="minmax", show_default=True,
               help="How --quantize int8 calibrates activation ranges on --calib.")
+@click.option("--quant-recover", type=click.Choice(list(QUANT_RECOVERY)), default=DEFAULT_QUANT_RECOVERY,
+              show_default=True,
+              help="How --quantize int8 compensates its error on --calib: gptq rounds the weights "
+              "to the int8 grid GPTQ's way before quantizing, bias folds the remaining per-channel output shift into "
+              "the biases after it (kept only where it helps), gptq+bias does both.")
 @click.option("--verify", is_flag=True, help="Prove the channel removal: compare the result with the original "
               "whose removed channels are masked to zero, on random inputs; a mismatch is an error.")
 @click.option("--validate", "do_validate", is_flag=True, help="Validate the result against the input afterwards.")
@@ -102,7 +108,7 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
                   recover_method: str | None, steps: int | None, target_macs: float | None,
                   target_params: float | None, target_latency: float | None, workers: int, ray: str | None,
-                  quantize_kind: str | None, quant_method: str,
+                  quantize_kind: str | None, quant_method: str, quant_recover: str,
                   verify: bool, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, validation: ValidateOptions) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
@@ -127,7 +133,8 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
                            min_params=min_params, max_group_ratio=max_group_ratio, sparse_storage=sparse_storage,
                            input_shapes=dict(input_shapes), calib=calib, calib_limit=calib_limit,
                            recover=recover_method, verify=verify, steps=steps, quantize=quantize_kind,
-                           quant_method=quant_method, hidden=hidden, target_macs=target_macs, target_params=target_params,
+                           quant_method=quant_method, quant_recover=quant_recover, hidden=hidden,
+                           target_macs=target_macs, target_params=target_params,
                            target_latency=target_latency, latency_provider=validation.providers.split(",")[0],
                            latency_threads=validation.threads, workers=workers, ray=ray,
                            preprocess=validation.data.preprocess)

@@ -20,7 +20,7 @@ class Quantize(Pass[PruneState]):
     def run(self, state: PruneState) -> None:
         options, report = state.options, state.report
         report.quantization = quantize_model(state.model, options.quantize, options.quant_method, state.batches,
-                                             options.exclude)
+                                             options.exclude, options.quant_recover)
         report.notes += report.quantization.notes
         report.structure_changed = True  # new nodes and tensors: the saved model is checked
         state.rebuild_index()

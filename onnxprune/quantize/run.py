@@ -20,11 +20,16 @@ from onnxprune.errors import ConfigError, OnnxPruneError
 from onnxprune.graph.io import LoadedModel
 from onnxprune.graph.check import sort_nodes
 from onnxprune.quantize.bias import BiasCorrection, correct_biases
+from onnxprune.quantize.gptq import GptqResult, round_layers
 from onnxprune.quantize.kinds import GEMM_SPLIT, KINDS, QuantJob
 from onnxprune.quantize.weights import layer_weights, lost_zeros
 
 HELPER_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 INTEGER_OPS = {"ConvInteger", "MatMulInteger"}
+# --quant-recover: what static int8 does about its error on the calibration data, before (gptq: weights rounded to
+# the quantizer's grid with compensation) and after quantizing (bias: per-channel output means folded into biases)
+QUANT_RECOVERY = {"none": (), "bias": ("bias",), "gptq": ("gptq",), "gptq+bias": ("gptq", "bias")}
+DEFAULT_QUANT_RECOVERY = "bias"
 
 
 class ZerosLost(OnnxPruneError):
@@ -43,6 +48,7 @@ class QuantizationResult:
         preprocessed: onnxruntime's quant_pre_process ran (it may fail on some models; then it is skipped).
         bias_correction: static int8 only: the quantization error's per-channel mean folded into the biases, kept
             when it brought the outputs closer to the float model's on the calibration data.
+        gptq: static int8 with ``--quant-recover gptq``: the weights rounded to the quantizer's grid beforehand.
     """
 
     kind: str
@@ -55,6 +61,7 @@ class QuantizationResult:
     size_after: int = 0
     preprocessed: bool = False
     bias_correction: BiasCorrection | None = None
+    gptq: GptqResult | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -132,20 +139,23 @@ def check_request(kind: str, calibrated: bool, external: bool, model: onnx.Model
 
 
 def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Feed] | None,
-                   exclude: tuple[str, ...] = (), correct_bias: bool = True) -> QuantizationResult:
+                   exclude: tuple[str, ...] = (), recover: str = DEFAULT_QUANT_RECOVERY) -> QuantizationResult:
     """Replace ``model.proto`` by its quantized form and say what changed.
 
     Args:
         kind: a key of :data:`~onnxprune.quantize.kinds.KINDS`; method: a key of ``METHODS`` (static int8).
         batches: the calibration batches (static int8 needs them).
         exclude: ``--exclude`` globs; matching nodes stay float.
-        correct_bias: static int8: try bias correction (kept only where it helps); False for comparisons.
+        recover: static int8: a key of :data:`QUANT_RECOVERY` (bias correction is kept only where it helps).
 
     Raises:
         ConfigError: static int8 without calibration data; an external-data model; a model quantized already.
         ZerosLost: a weight that was exactly zero is not after quantization.
     """
     check_request(kind, bool(batches), model.external, model.proto)
+    if recover not in QUANT_RECOVERY:
+        raise ConfigError(f"--quant-recover {recover}: choose one of {', '.join(QUANT_RECOVERY)}")
+    steps = QUANT_RECOVERY[recover] if KINDS[kind].needs_calibration and batches else ()
     chosen = KINDS[kind]
     result = QuantizationResult(kind, method if chosen.needs_calibration else None)
     before = onnx.ModelProto()
@@ -162,11 +172,14 @@ def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Fee
                 source = Path(folder) / "preprocessed.onnx"
             else:
                 result.notes.append(f"--quantize: onnxruntime's preprocessing failed ({failure}); quantized without it")
+        reference = source  # the float model the quantized one is compared with
+        if "gptq" in steps:
+            source = _round_weights(result, reference, Path(folder) / "rounded.onnx", batches, keep_float)
         chosen.run(QuantJob(source, target, batches, method, tuple(keep_float)))
         result.size_after = target.stat().st_size
         quantized = onnx.load(str(target))
-        if chosen.needs_calibration and batches and correct_bias:
-            result.bias_correction = fix = correct_biases(quantized, onnx.load(str(source)), batches)
+        if "bias" in steps:
+            result.bias_correction = fix = correct_biases(quantized, onnx.load(str(reference)), batches)
             result.size_after = len(quantized.SerializeToString())
             if fix.layers:
                 result.notes.append(
@@ -178,6 +191,23 @@ def quantize_model(model: LoadedModel, kind: str, method: str, batches: list[Fee
     result.float_nodes = _float_nodes(before, quantized, kind, keep_float)
     model.proto.CopyFrom(quantized)
     return result
+
+
+def _round_weights(result: QuantizationResult, source: Path, target: Path, batches: list[Feed],
+                   keep_float: list[str]) -> Path:
+    """GPTQ on the float model the quantizer will read (``source``), written to ``target``; returns that file."""
+    rounded = LoadedModel(onnx.load(str(source)))
+    result.gptq = fit = round_layers(rounded, batches, tuple(keep_float))
+    onnx.save(rounded.proto, str(target))
+    note = (f"--quantize {result.kind}: GPTQ rounding of {fit.layers} layers: their output error on the calibration "
+            f"data {fit.error_nearest:.4g} (round to nearest) -> {fit.error_gptq:.4g}")
+    if fit.not_better:
+        note += f"; {fit.not_better} layers no better than round to nearest, left to the quantizer"
+    if fit.skipped:
+        more = f" and {len(fit.skipped) - 5} more" if len(fit.skipped) > 5 else ""
+        note += f"; not rounded: {', '.join(fit.skipped[:5])}{more}"
+    result.notes.append(note)
+    return target
 
 
 def _count_zeros(result: QuantizationResult, before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> None:

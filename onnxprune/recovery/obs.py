@@ -7,10 +7,13 @@ calibration inputs. Visiting the inputs (columns of W) in a fixed order and usin
 4608-wide layer takes about a second.
 
 The same sweep with the mask given instead of chosen is the fast form of "re-fit the kept weights" for layers too
-wide for an exact per-output solve.
+wide for an exact per-output solve, and with a ``project`` onto a quantization grid instead of zeros it is GPTQ
+(Frantar et al., 2023; quantize/gptq.py).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -63,7 +66,8 @@ class Hessian:
 
 def obs_sweep(weights: np.ndarray, hessian: Hessian, prunable: int, *, zeros: int | None = None,
               pattern: tuple[int, int] | None = None, mask: np.ndarray | None = None,
-              order: np.ndarray | None = None) -> np.ndarray:
+              order: np.ndarray | None = None,
+              project: Callable[[int, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Zero weights and update the rest so the layer's output on the calibration inputs changes least.
 
     Args:
@@ -75,6 +79,9 @@ def obs_sweep(weights: np.ndarray, hessian: Hessian, prunable: int, *, zeros: in
         mask: [prunable, O] booleans, True = zero: the weights to remove are given; only the update is computed.
         order: the order in which prunable rows are visited (a permutation of 0..prunable-1); N:M groups must be
             consecutive in it.
+        project: (feature row, that row's weights [O] as updated so far) -> the values it takes instead of zero or
+            itself (GPTQ: the nearest point of a grid); the error is spread over the rows not visited yet as for
+            zeros. It replaces ``mask``/``zeros``/``pattern`` and leaves always-zero inputs' weights to it.
     Returns:
         The new [K, O] weights (float64).
     """
@@ -83,7 +90,7 @@ def obs_sweep(weights: np.ndarray, hessian: Hessian, prunable: int, *, zeros: in
     perm = np.concatenate([order, np.arange(prunable, k_all)])
     w = weights[perm].T.astype(np.float64).copy()  # [O, K] in visiting order, as in SparseGPT
     given = None if mask is None else mask[order].T
-    if given is None:  # weights on inputs that are always zero cost nothing to remove
+    if given is None and project is None:  # weights on inputs that are always zero cost nothing to remove
         w[:, np.flatnonzero(np.diag(hessian.gram)[order] <= 0)] = 0.0
     u = hessian.factor(perm)
     block = BLOCK if pattern is None else pattern[1] * max(1, BLOCK // pattern[1])
@@ -110,7 +117,7 @@ def obs_sweep(weights: np.ndarray, hessian: Hessian, prunable: int, *, zeros: in
                 lowest = np.argsort(saliency, axis=1, kind="stable")[:, : m - pattern[0]]
                 np.put_along_axis(drop[:, i:i + m], lowest, True, axis=1)
             column = w1[:, i]
-            kept = np.where(drop[:, i], 0.0, column)
+            kept = np.where(drop[:, i], 0.0, column) if project is None else project(int(perm[start + i]), column)
             e = (column - kept) / u1[i, i]
             w1[:, i:] -= np.outer(e, u1[i, i:])
             w1[:, i] = kept
