@@ -122,6 +122,15 @@ def test_static_int8_without_calibration_is_a_usage_error(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", [None, "int8-dynamic", "fp16"])
+def test_quant_recover_without_static_int8_is_a_usage_error(tmp_path, capsys, kind):
+    out = tmp_path / "out.onnx"
+    argv = [MODEL, "--sparsity", "0.5", "--quant-recover", "gptq", "-o", out] + (["--quantize", kind] if kind else [])
+    code, _, err = run_main(argv, capsys)
+    assert code == 2 and "--quant-recover" in err and "--quantize int8" in err
+    assert not out.exists()
+
+
 def test_lost_zeros_compares_positions_also_through_a_transpose():
     from onnxprune.quantize.weights import lost_zeros
 

@@ -90,9 +90,9 @@ class RoundToType(click.ParamType):
 @click.option("--quantize", "quantize_kind", type=click.Choice(quant_kinds.names()), help=quant_kinds.help_text())
 @click.option("--quant-method", type=click.Choice(list(quant_kinds.METHODS)), default="minmax", show_default=True,
               help="How --quantize int8 calibrates activation ranges on --calib.")
-@click.option("--quant-recover", type=click.Choice(list(QUANT_RECOVERY)), default=DEFAULT_QUANT_RECOVERY,
-              show_default=True,
-              help="How --quantize int8 compensates its error on --calib: gptq rounds the weights "
+@click.option("--quant-recover", type=click.Choice(list(QUANT_RECOVERY)),
+              help=f"[default: {DEFAULT_QUANT_RECOVERY}] How --quantize int8 compensates its error on --calib: gptq "
+              "rounds the weights "
               "to the int8 grid GPTQ's way before quantizing, bias folds the remaining per-channel output shift into "
               "the biases after it (kept only where it helps), gptq+bias does both.")
 @click.option("--verify", is_flag=True, help="Prove the channel removal: compare the result with the original "
@@ -108,7 +108,7 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
                   max_group_ratio: float | None, sparse_storage: bool, calib: str | None, calib_limit: int,
                   recover_method: str | None, steps: int | None, target_macs: float | None,
                   target_params: float | None, target_latency: float | None, workers: int, ray: str | None,
-                  quantize_kind: str | None, quant_method: str, quant_recover: str,
+                  quantize_kind: str | None, quant_method: str, quant_recover: str | None,
                   verify: bool, do_validate: bool, input_shapes,
                   json_path: str | None, debug: bool, validation: ValidateOptions) -> None:
     """Prune MODEL and write the result (the input file is never modified)."""
@@ -119,6 +119,9 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
         if not validation.data.path:
             raise ConfigError("--max-accuracy-drop with a --target-* is judged on held-out data: give --data")
         do_validate = True
+    if quant_recover is not None and quantize_kind != "int8":
+        raise ConfigError("--quant-recover compensates static int8's error: it needs --quantize int8")
+    quant_recover = quant_recover or DEFAULT_QUANT_RECOVERY
     if pattern and sparsity is not None:
         raise ConfigError("--pattern sets the sparsity itself; do not combine it with --sparsity")
     if steps is None:
