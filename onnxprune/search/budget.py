@@ -202,17 +202,23 @@ class _Planner:
         final = allocate(levels, cost, self.target * self.total, fixed)  # where the whole search should end
         row = BudgetRound(goal, float("nan"), float("nan"), 0, final.loss)
         aim = {g.id: final.removed.get(g.id, 0) for g in searched}
-        even = {g.id: g.size for g in searched}  # the even way: every group the same fraction, all the way down
-        even_end = _walk(searched, allowed, cost, self.target * self.total, fixed, even)
-        if even_end not in (None, final.removed):
-            # the losses of groups alone are a proxy: compare both end points as the run's recovery leaves them
-            row.greedy_error = self._after_recovery(state, model, final.removed, order)
-            row.even_error = self._after_recovery(state, model, even_end, order)
-            if row.even_error <= row.greedy_error:  # a tie goes to the even aim, the one that needs no proxy
-                aim, row.choice = even, "even"
-        removed = _walk(searched, allowed, cost, goal * self.total, fixed, aim)  # this round's share of the way
-        if removed is None:  # the goal is beyond the aim (the final plan missed the target): go all the way
+        scores = {g.id: scored[g.id][0] for g in searched}
+        ways = {  # each way's removals at a cost goal; a tie goes to the earlier one, even needing no proxy at all
+            "even": partial(_walk, searched, allowed, cost, fixed=fixed, aim={g.id: g.size for g in searched}),
+            "global": partial(_global_way, searched, allowed, cost, fixed=fixed, scores=scores),
+            "greedy": lambda at: _walk(searched, allowed, cost, at, fixed, aim) or {**fixed, **aim}}
+        ends = {name: way(self.target * self.total) for name, way in ways.items()}
+        distinct = {name: end for name, end in ends.items() if end is not None and end not in
+                    [ends[other] for other in list(ways)[:list(ways).index(name)]]}
+        if len(distinct) > 1:
+            # the losses of groups alone are a proxy: compare the end points as the run's recovery leaves them
+            row.errors = {name: self._after_recovery(state, model, end, order) for name, end in distinct.items()}
+            row.choice = min(row.errors, key=lambda name: (row.errors[name], list(ways).index(name)))
+        removed = ways[row.choice](goal * self.total)  # this round's share of the way
+        if removed is None:  # the goal is beyond what the way reaches: the greedy plan, all the way
             removed = {**fixed, **aim}
+        if self.kind != "latency":  # exact costs: give back what overshoots the goal, most important channel first
+            removed = _hand_back(searched, allowed, cost, goal * self.total, removed, scores, order)
         for gid, n in removed.items():
             if n:
                 plan.remove[gid] = np.sort(order[gid][:n])
@@ -308,8 +314,7 @@ def _walk(searched: list[ChannelGroup], allowed: dict[int, list[int]], cost, goa
     def removal(share: float) -> dict[int, int]:
         out = dict(fixed)
         for g in searched:
-            target = g.size - share * aim.get(g.id, 0)
-            out[g.id] = g.size - min([*allowed[g.id], g.size], key=lambda k: (abs(k - target), k))
+            out[g.id] = g.size - _nearest(allowed[g.id], g.size, g.size - share * aim.get(g.id, 0))
         return out
 
     if cost(removal(1.0)) > goal:
@@ -319,6 +324,65 @@ def _walk(searched: list[ChannelGroup], allowed: dict[int, list[int]], cost, goa
         middle = (low + high) / 2
         low, high = (low, middle) if cost(removal(middle)) <= goal else (middle, high)
     return removal(high)
+
+
+def _global_way(searched: list[ChannelGroup], allowed: dict[int, list[int]], cost, goal: float,
+                fixed: dict[int, int], scores: dict[int, np.ndarray]) -> dict[int, int] | None:
+    """Removals as ``--scope global`` chooses them, at a cost goal instead of a channel ratio: one ranking of every
+    channel's score over its group's mean score, lowest first, each group stopping at its lowest allowed count; the
+    shortest prefix of that ranking whose cost (each group at its nearest allowed count) is within the goal, found
+    by bisection; None when even the whole ranking misses it. Scores normalised per group are what made global
+    scope strong on the digits CNN (0.34 of the MACs at 97.2% held-out, against layer scope's 95.1% at 0.25)."""
+    limit = {g.id: g.size - min(allowed[g.id], default=g.size) for g in searched}
+    ranked: list[int] = []  # group ids, one per channel, in the order the ranking removes them
+    room = dict(limit)
+    for _, gid in sorted((float(s) / (float(np.mean(scores[gid])) or 1.0), gid) for gid in limit
+                         for s in scores[gid]):
+        if room[gid] > 0:
+            room[gid] -= 1
+            ranked.append(gid)
+
+    def removal(n: int) -> dict[int, int]:
+        taken = dict.fromkeys(limit, 0)
+        for gid in ranked[:n]:
+            taken[gid] += 1
+        return {**fixed, **{g.id: g.size - _nearest(allowed[g.id], g.size, g.size - taken[g.id]) for g in searched}}
+
+    if cost(removal(len(ranked))) > goal:
+        return None
+    low, high = 0, len(ranked)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if cost(removal(middle)) <= goal else (middle + 1, high)
+    return removal(high)
+
+
+def _hand_back(searched: list[ChannelGroup], allowed: dict[int, list[int]], cost, goal: float,
+               removed: dict[int, int], scores: dict[int, np.ndarray], order: dict[int, np.ndarray]) -> dict[int, int]:
+    """``removed`` with channels returned, one allowed step of one group at a time, while the cost stays within the
+    goal: the steps that way overshot it (every group moves to its nearest allowed count, all by the same share).
+    The step returned first is the one whose channels score highest over their group's mean score."""
+    removed = dict(removed)
+    while True:
+        best = None
+        for g in searched:
+            now = removed.get(g.id, 0)
+            if not now:
+                continue
+            back = g.size - min([k for k in allowed[g.id] if k > g.size - now] or [g.size])
+            trial = {**removed, g.id: back}
+            if cost(trial) <= goal:
+                value = float(np.mean(scores[g.id][order[g.id][back:now]])) / (float(np.mean(scores[g.id])) or 1.0)
+                if best is None or value > best[0]:
+                    best = (value, trial)
+        if best is None:
+            return removed
+        removed = best[1]
+
+
+def _nearest(allowed: list[int], size: int, target: float) -> int:
+    """The allowed kept count (or the whole group) nearest ``target``; ties: the smaller one."""
+    return min([*allowed, size], key=lambda k: (abs(k - target), k))
 
 
 def _level_counts(size: int, allowed: list[int]) -> list[int]:
