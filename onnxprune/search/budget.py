@@ -17,10 +17,14 @@ the same model, with a planner in place of the ratio selection. Each round aims 
    of measured group timings (search/latency_table.py);
 4. allocates greedily, least loss per cost saved (search/allocate.py), for the final target: where the whole
    search should end, re-planned every round on the model as the last round's recovery left it;
-5. checks that plan against the even one (every group the same fraction) at the target: both applied to a copy and
-   recovered with the run's method, the one with the lower output error on ``--calib`` is the aim (the losses of
-   groups alone are a proxy that misses what recovery can restore);
-6. walks the same share of the way towards the aim in every group, as far as this round's goal needs.
+5. checks that plan against two others at the target: the even one (every group the same fraction) and the global
+   one (``--scope global``'s ranking of scores over their group's mean, as many channels as the target needs): each
+   applied to a copy and recovered with the run's method, the one with the lowest output error on ``--calib`` is the
+   aim (the losses of groups alone are a proxy that misses what recovery can restore);
+6. goes the aim's way as far as this round's goal needs (greedy: the same share of the way to its plan in every
+   group; even: the same fraction everywhere; global: a shorter prefix of the ranking), and, MACs and parameters
+   being exact, hands back channels while the cost stays within the goal (one round otherwise overshoots it, every
+   group moving to its nearest allowed count).
 
 Recovery after each round makes later rounds measure losses on a model that has already adapted to earlier removals
 (the iterative pruning of NetAdapt and AMC). After the planned rounds the result is measured as it is (stats for
@@ -72,18 +76,23 @@ EXTRA_ROUNDS = 3  # at most this many more while the measured result misses the 
 LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # counts offered per group and round: these fractions removed
 MAX_LEVELS = 16  # a group with at most this many allowed counts in range is offered all of them
 DEFAULT_CAP = 0.9  # most of its channels a group may lose over the whole search, without --max-group-ratio
+AIMS = ("even", "global", "greedy")  # the allocations compared every round; on a tie, the earlier one is taken
 
 
-def budget_job(meter: LatencyMeter | None = None) -> tuple[Pass[PruneState], ...]:
+def budget_job(meter: LatencyMeter | None = None, aims: Sequence[str] = AIMS) -> tuple[Pass[PruneState], ...]:
     """The prune job with a budget: Preflight, then the search's rounds. ``meter``: how ``--target-latency``
-    times models (default: onnxruntime on ``options.latency_provider``)."""
-    return (Preflight(), BudgetSearch(ROUND, meter))
+    times models (default: onnxruntime on ``options.latency_provider``); ``aims``: the allocations compared (a
+    subset of :data:`AIMS`, for benchmarks that measure what each adds)."""
+    unknown = set(aims) - set(AIMS)
+    if not aims or unknown:
+        raise ConfigError(f"budget aims must be some of {', '.join(AIMS)}, got {', '.join(aims) or 'none'}")
+    return (Preflight(), BudgetSearch(ROUND, meter, tuple(a for a in AIMS if a in aims)))
 
 
 def prune_to_budget(input_path: str | Path, output_path: str | Path | None, options: PruneOptions,
-                    meter: LatencyMeter | None = None) -> PruneReport:
+                    meter: LatencyMeter | None = None, aims: Sequence[str] = AIMS) -> PruneReport:
     """:func:`onnxprune.pipeline.prune_file` meeting ``options``' ``target_*`` budget."""
-    return prune_file(input_path, output_path, options, job=budget_job(meter))
+    return prune_file(input_path, output_path, options, job=budget_job(meter, aims))
 
 
 class BudgetSearch(Pass[PruneState]):
@@ -91,8 +100,9 @@ class BudgetSearch(Pass[PruneState]):
 
     name = "budget-search"
 
-    def __init__(self, rounds: Sequence[Pass[PruneState]], meter: LatencyMeter | None = None) -> None:
-        self.rounds, self.meter = rounds, meter
+    def __init__(self, rounds: Sequence[Pass[PruneState]], meter: LatencyMeter | None = None,
+                 aims: tuple[str, ...] = AIMS) -> None:
+        self.rounds, self.meter, self.aims = rounds, meter, aims
 
     def applies(self, state: PruneState) -> bool:
         return bool(state.options.budgets)
@@ -103,7 +113,7 @@ class BudgetSearch(Pass[PruneState]):
         planned = options.steps
         meter = self.meter or (OrtMeter(options.latency_provider, options.latency_threads) if kind == "latency"
                                else None)
-        planner = _Planner(kind, target, options, meter)
+        planner = _Planner(kind, target, options, meter, self.aims)
         reports: list[PruneReport] = []
         original = None
         for number in range(planned + EXTRA_ROUNDS):
@@ -148,8 +158,9 @@ class _LossInputs:
 class _Planner:
     """Plans the rounds of one search and keeps its path (``report``)."""
 
-    def __init__(self, kind: str, target: float, options: PruneOptions, meter: LatencyMeter | None) -> None:
-        self.kind, self.target, self.options, self.meter = kind, target, options, meter
+    def __init__(self, kind: str, target: float, options: PruneOptions, meter: LatencyMeter | None,
+                 aims: tuple[str, ...]) -> None:
+        self.kind, self.target, self.options, self.meter, self.aims = kind, target, options, meter, aims
         self.report = BudgetReport(kind, target, method="analytic" if meter is None else meter.name)
         self.sizes: dict[str, int] = {}  # group name -> channels before the first round
         self.total = 0.0  # the original's cost (MACs, parameters; latency: 1)
@@ -203,10 +214,12 @@ class _Planner:
         row = BudgetRound(goal, float("nan"), float("nan"), 0, final.loss)
         aim = {g.id: final.removed.get(g.id, 0) for g in searched}
         scores = {g.id: scored[g.id][0] for g in searched}
-        ways = {  # each way's removals at a cost goal; a tie goes to the earlier one, even needing no proxy at all
+        ways = {  # each aim's removals at a cost goal (even: every group the same fraction, all the way down)
             "even": partial(_walk, searched, allowed, cost, fixed=fixed, aim={g.id: g.size for g in searched}),
             "global": partial(_global_way, searched, allowed, cost, fixed=fixed, scores=scores),
             "greedy": lambda at: _walk(searched, allowed, cost, at, fixed, aim) or {**fixed, **aim}}
+        ways = {name: ways[name] for name in self.aims}
+        row.choice = self.aims[-1]  # when the aims end at the same removals
         ends = {name: way(self.target * self.total) for name, way in ways.items()}
         distinct = {name: end for name, end in ends.items() if end is not None and end not in
                     [ends[other] for other in list(ways)[:list(ways).index(name)]]}
