@@ -230,7 +230,9 @@ class _Planner:
         removed = ways[row.choice](goal * self.total)  # this round's share of the way
         if removed is None:  # the goal is beyond what the way reaches: the greedy plan, all the way
             removed = {**fixed, **aim}
-        if self.kind != "latency":  # exact costs: give back what overshoots the goal, most important channel first
+        if self.kind != "latency" and goal <= self.target:  # exact costs, the last rounds: give back what overshoots
+            # the target, most important channel first (in earlier rounds it changed the path for the worse on
+            # --calib: at --target-macs 0.2545 on digits, output error 0.154 against uniform pruning's 0.135)
             removed = _hand_back(searched, allowed, cost, goal * self.total, removed, scores, order)
         for gid, n in removed.items():
             if n:
