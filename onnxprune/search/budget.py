@@ -22,9 +22,9 @@ the same model, with a planner in place of the ratio selection. Each round aims 
    applied to a copy and recovered with the run's method, the one with the lowest output error on ``--calib`` is the
    aim (the losses of groups alone are a proxy that misses what recovery can restore);
 6. goes the aim's way as far as this round's goal needs (greedy: the same share of the way to its plan in every
-   group; even: the same fraction everywhere; global: a shorter prefix of the ranking), and, MACs and parameters
-   being exact, hands back channels while the cost stays within the goal (one round otherwise overshoots it, every
-   group moving to its nearest allowed count).
+   group; even: the same fraction everywhere; global: a shorter prefix of the ranking), and in the rounds aimed at
+   the target, MACs and parameters being exact, hands back channels while the cost stays within it (the way
+   otherwise overshoots it, every group moving to its nearest allowed count).
 
 Recovery after each round makes later rounds measure losses on a model that has already adapted to earlier removals
 (the iterative pruning of NetAdapt and AMC). After the planned rounds the result is measured as it is (stats for
