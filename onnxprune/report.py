@@ -165,10 +165,11 @@ def _render_budget(report: PruneReport) -> str:
         return "-" if value is None else f"{value:.4g}"
 
     rows = [[str(k + 1), f"{r.goal:.3f}", f"{r.predicted:.3f}", f"{r.reached:.3f}", str(r.removed),
-             f"{r.choice} ({error(r.greedy_error)} vs {error(r.even_error)})", error(r.output_error)]
+             f"{r.choice} ({', '.join(f'{name} {error(e)}' for name, e in r.errors.items()) or 'no other'})",
+             error(r.output_error)]
             for k, r in enumerate(b.rounds)]
     path = _table(["round", "goal", "predicted", "reached", "channels removed",
-                   "aim: greedy or even (their error at the target)", "error after recovery"], rows)
+                   "aim (each aim's error at the target)", "error after recovery"], rows)
     ratios = ", ".join(f"{name} {ratio:.2f}" for name, ratio in _chosen_ratios(report).items())
     return (f"budget search: --target-{b.kind} {b.target:g} ({b.method}), reached {b.reached:.3f} of the original as "
             f"measured after the last round; {b.evaluations} loss evaluations, {b.recoveries} allocations recovered to "

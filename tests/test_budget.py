@@ -6,6 +6,7 @@ saved file; a latency budget is met as the injected meter measures it (no timing
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -24,7 +25,8 @@ from onnxprune.pipeline import prune_file
 from onnxprune.prune.structured import ChannelPlan, apply_plan
 from onnxprune.report import prune_dict
 from onnxprune.search.allocate import Levels, allocate
-from onnxprune.search.budget import prune_to_budget
+from onnxprune.errors import ConfigError
+from onnxprune.search.budget import _global_way, _hand_back, prune_to_budget
 from onnxprune.search.cost import cost_model
 from onnxprune.search.latency_table import interpolate, shrink_to_macs
 
@@ -249,3 +251,71 @@ def test_unreachable_budget_is_exit_2_and_writes_nothing(tmp_path, capsys):
     assert code == 2
     assert_one_error(err, "--target-macs 0.05: cannot be reached")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _linear_cost(per_channel: dict[int, float]):
+    def cost(removed):
+        return 100.0 - sum(per_channel.get(g, 0.0) * n for g, n in removed.items())
+    return cost
+
+
+def _toy_groups(sizes: dict[int, int]):
+    """Stand-ins for ChannelGroup (id and size are all the allocation helpers read), with every kept count from
+    1 to size - 1 allowed, and random scores (group 1's ten times larger: normalising by the group's mean must
+    undo that)."""
+    rng = np.random.default_rng(3)
+    groups = [SimpleNamespace(id=gid, size=n) for gid, n in sizes.items()]
+    scores = {gid: rng.random(n) * (10.0 if gid == 1 else 1.0) + 0.01 for gid, n in sizes.items()}
+    allowed = {gid: list(range(1, n)) for gid, n in sizes.items()}
+    order = {gid: np.argsort(s, kind="stable") for gid, s in scores.items()}
+    return groups, allowed, scores, order
+
+
+@pytest.mark.parametrize("goal", [95.0, 80.0, 61.0, 40.0])
+def test_global_aim_removes_the_lowest_normalised_scores_and_no_more_than_the_goal_needs(goal):
+    groups, allowed, scores, _ = _toy_groups({0: 8, 1: 12, 2: 6})
+    cost = _linear_cost({0: 3.0, 1: 2.0, 2: 5.0})
+    removed = _global_way(groups, allowed, cost, goal, {}, scores)
+    assert cost(removed) <= goal
+    normalised = {gid: np.sort(s / s.mean()) for gid, s in scores.items()}
+    gone = [normalised[gid][:n] for gid, n in removed.items() if n]
+    kept = [normalised[gid][n:-1] for gid, n in removed.items()]  # a group's last channel is never offered
+    assert max(np.concatenate(gone)) <= min(np.concatenate(kept))  # one ranking over every group
+    last = max(removed, key=lambda gid: normalised[gid][removed[gid] - 1] if removed[gid] else -1)
+    assert cost({**removed, last: removed[last] - 1}) > goal  # the ranking's shortest prefix within the goal
+
+
+def test_global_aim_is_none_when_even_every_group_at_its_limit_misses_the_goal():
+    groups, allowed, scores, _ = _toy_groups({0: 4, 1: 4})
+    assert _global_way(groups, allowed, _linear_cost({0: 1.0, 1: 1.0}), 50.0, {}, scores) is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hand_back_returns_channels_while_the_cost_stays_within_the_goal(seed):
+    groups, allowed, scores, order = _toy_groups({0: 8, 1: 12, 2: 6})
+    cost = _linear_cost({0: 3.0, 1: 2.0, 2: 5.0})
+    rng = np.random.default_rng(seed)
+    start = {g.id: int(rng.integers(1, g.size)) for g in groups}
+    goal = cost(start) + float(rng.uniform(5.0, 15.0))  # overshot by at least one channel of any group
+    after = _hand_back(groups, allowed, cost, goal, start, scores, order)
+    assert cost(after) <= goal and all(after[gid] <= start[gid] for gid in start)
+    assert sum(after.values()) < sum(start.values())
+    # nothing more could be given back: every group's next step back would exceed the goal
+    assert all(cost({**after, gid: n - 1}) > goal for gid, n in after.items() if n)
+
+
+def test_search_compares_the_global_aim_and_takes_the_best_recovered_one(tmp_path):
+    """Every round with distinct aims recovers each of them at the target and takes the lowest error on --calib;
+    the result meets the budget as stats measure the saved model, and the hand-back leaves it within one
+    channel's cost: predicted equals measured in every round."""
+    options = PruneOptions(round_to=1, calib=str(CALIB), calib_limit=32, recover="none", steps=2, criterion="l1",
+                           target_macs=0.3)
+    budget = prune_to_budget(DIGITS, tmp_path / "out.onnx", options).budget
+    compared = [r for r in budget.rounds if r.errors]
+    assert compared and all(r.choice == min(r.errors, key=r.errors.get) for r in compared)
+    assert any("global" in r.errors for r in compared)
+    assert budget.recoveries == sum(len(r.errors) for r in budget.rounds)
+    assert _measured(tmp_path / "out.onnx", "macs") / _measured(DIGITS, "macs") == pytest.approx(budget.reached)
+    assert all(r.predicted == pytest.approx(r.reached) and r.reached <= r.goal for r in budget.rounds)
+    with pytest.raises(ConfigError, match="budget aims"):
+        prune_to_budget(DIGITS, tmp_path / "x.onnx", options, aims=("random",))

@@ -4,7 +4,7 @@
 Two tables, every number measured in this run:
 
 * digits residual CNN (trained, committed): uniform ``--channels 0.5`` (layer scope) against ``--target-macs`` set to
-  the MACs the uniform run kept, both ``--round-to 1`` with ``--calib`` and lsq recovery; MACs kept (graph/stats.py),
+  the MACs the uniform run kept and to 0.25 (with every aim, with greedy and even only, and in ``--more-rounds``), all ``--round-to 1`` with ``--calib`` and lsq recovery; MACs kept (graph/stats.py),
   held-out top-1 on ``models/digits_val.npz`` (359 samples: one sample is 0.28 points), top-1 agreement with the
   original on the calibration inputs, and the prune time.
 * full-size MobileNetV2 224 (random weights: latency only; ``tools/make_fullsize.py``): uniform ``--channels 0.3``,
@@ -16,7 +16,8 @@ Two tables, every number measured in this run:
 Usage (from the repository root)::
 
     python tools/bench_budget.py                        # both tables
-    python tools/bench_budget.py --skip-mobilenet       # digits only (about a minute idle)
+    python tools/bench_budget.py --skip-mobilenet       # digits only (about two minutes idle)
+    python tools/bench_budget.py --skip-mobilenet --compare-at 0.25 --compare-at 0.34 --more-rounds 6
     python tools/bench_budget.py --fullsize-dir /tmp/fullsize --latency 0.55 --runs 200
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ from onnxprune.graph.io import load_model
 from onnxprune.graph.stats import model_stats
 from onnxprune.passes.state import PruneOptions
 from onnxprune.pipeline import prune_file
-from onnxprune.search.budget import prune_to_budget
+from onnxprune.search.budget import AIMS, prune_to_budget
 from onnxprune.validate.providers import create_session
 
 MODELS = ROOT / "models"
@@ -60,7 +62,9 @@ def run(label: str, job, source: Path, out: Path, options: PruneOptions) -> tupl
     return label, out, time.perf_counter() - start, report
 
 
-def digits(folder: Path, rounds: int) -> None:
+def digits(folder: Path, rounds: int, more_rounds: int | None, compare_at: list[float]) -> None:
+    """Uniform against budgets: at the uniform run's MACs with every aim; at each ``compare_at`` target with the aims
+    the search compared before the global one (greedy and even) and with every aim; at 0.25 in ``more_rounds``."""
     source = MODELS / "digits_resnet.onnx"
     calib = str(MODELS / "digits_calib.npz")
     val = np.load(MODELS / "digits_val.npz")
@@ -68,23 +72,26 @@ def digits(folder: Path, rounds: int) -> None:
     base = {"round_to": 1, "calib": calib}
     uniform = run("--channels 0.5 (layer scope)", prune_file, source, folder / "uniform.onnx",
                   PruneOptions(channels=0.5, **base))
-    kept = macs(uniform[1]) / macs(source)
+    kept = round(macs(uniform[1]) / macs(source), 4)
+    plans = [(kept, rounds, AIMS)] + [(t, rounds, aims) for t in compare_at for aims in (("even", "greedy"), AIMS)]
+    plans += [(0.25, more_rounds, AIMS)] if more_rounds else []
     runs = [uniform]
-    for target in sorted({round(kept, 4), 0.25}):
-        runs.append(run(f"--target-macs {target:g}", prune_to_budget, source, folder / f"budget{target}.onnx",
-                        PruneOptions(target_macs=target, steps=rounds, **base)))
+    for k, (target, steps, aims) in enumerate(plans):
+        label = f"--target-macs {target:g}, {steps} rounds, aims {'+'.join(aims)}"
+        runs.append(run(label, partial(prune_to_budget, aims=aims), source, folder / f"budget{k}.onnx",
+                        PruneOptions(target_macs=target, steps=steps, **base)))
     truth, reference = val["labels"], top1(source, calib_inputs)
-    rows = [["original", "1.000", f"{100 * np.mean(top1(source, val['input']) == truth):.1f}", "100.0", "-"]]
-    for label, path, seconds, _ in runs:
+    rows = [["original", "1.000", f"{100 * np.mean(top1(source, val['input']) == truth):.1f}", "100.0", "-", "-", "-"]]
+    for label, path, seconds, report in runs:
         held_out = 100 * np.mean(top1(path, val["input"]) == truth)
+        kept_counts = ", ".join(str(g.after) for g in report.groups if not g.blocked)
+        aims = "-" if report.budget is None else " ".join(r.choice for r in report.budget.rounds)
         rows.append([label, f"{macs(path) / macs(source):.3f}", f"{held_out:.1f}",
-                     f"{100 * np.mean(top1(path, calib_inputs) == reference):.1f}", f"{seconds:.1f}"])
-    print(f"\ndigits_resnet.onnx, --round-to 1, --calib {calib} (lsq recovery), "
-          f"search rounds {rounds}")
-    print(table(["pruning", "MACs kept", "held-out top-1 %", "calib agreement %", "seconds"], rows))
-    for label, _, _, report in runs[1:]:
-        ratios = ", ".join(f"{g.before}->{g.after}" for g in report.groups if not g.blocked)
-        print(f"  {label}: groups {ratios}; path " + " ".join(f"{r.reached:.3f}" for r in report.budget.rounds))
+                     f"{100 * np.mean(top1(path, calib_inputs) == reference):.1f}", f"{seconds:.1f}", kept_counts,
+                     aims])
+    print(f"\ndigits_resnet.onnx, --round-to 1, --calib {calib} (lsq recovery)")
+    print(table(["pruning", "MACs kept", "held-out top-1 %", "calib agreement %", "seconds", "kept per group",
+                 "aim taken per round"], rows))
 
 
 def interleaved_speedups(paths: list[Path], runs: int, threads: int) -> list[float]:
@@ -145,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="--steps for the searches (default 3, as the CLI's)")
+    ap.add_argument("--compare-at", type=float, action="append",
+                    help="digits: --target-macs to run with and without the global aim (repeatable; default 0.25)")
+    ap.add_argument("--more-rounds", type=int, default=None,
+                    help="digits: one more --target-macs 0.25 row with this many rounds")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tools"))
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_digits:
-            digits(Path(tmp), args.rounds)
+            digits(Path(tmp), args.rounds, args.more_rounds, args.compare_at or [0.25])
         if not args.skip_mobilenet:
             mobilenet(Path(tmp), Path(args.fullsize_dir), args.latency, args.runs, args.threads,
                       args.calib_samples, args.rounds)

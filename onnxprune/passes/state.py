@@ -120,9 +120,9 @@ class BudgetRound:
     removed: int  # channels removed in this round
     loss: float  # summed calibration loss of the chosen removals, each measured alone before recovery
     output_error: float | None = None  # after this round's recovery, against the model it started from
-    choice: str = "greedy"  # the allocation taken: the greedy one, or the even one when it recovered better
-    greedy_error: float | None = None  # both allocations' output error on --calib after recovery, when compared
-    even_error: float | None = None
+    choice: str = "greedy"  # the aim taken: greedy, even or global, whichever recovered best at the target
+    errors: dict[str, float] = field(default_factory=dict)  # each distinct aim's output error on --calib after
+    # recovery at the target, when there was more than one to compare
 
 
 @dataclass
