@@ -302,3 +302,14 @@ def test_cli_calib_and_validate_with_token_data(name, tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.strip().startswith("last_hidden_state"))
     cosine = float(row.split()[2])  # over all positions, padding included
     assert 0.8 < cosine and (cosine < 1.0 or name == "bert_tiny_fused.onnx")  # fused ops may have no rules yet
+
+
+@pytest.mark.parametrize("name", BERTS)
+def test_verify_draws_valid_token_ids_and_proves_heads_and_ffn(tmp_path, capsys, name):
+    """--verify's random inputs respect the token-type table (2 rows here): ids in [0, 4) made onnxruntime refuse
+    the original, so --verify could not run on a BERT export; now it proves the heads/FFN removal."""
+    shapes = [a for n in ("input_ids", "attention_mask", "token_type_ids") for a in ("--input-shape", f"{n}:2x16")]
+    code, out, err = run_main([MODELS / name, "--channels", "0.3", "--verify", "-o", tmp_path / "out.onnx", *shapes],
+                              capsys)
+    assert code == 0, err
+    assert "verified the channel removal" in out and "max relative difference 0" in out

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxprune.channels.groups import GroupSet
+from onnxprune.data import tokens
 from onnxprune.graph.io import LoadedModel, iter_tensors, uses_external_data
 from onnxprune.graph.layers import FLOAT_TYPES
 
@@ -150,7 +151,9 @@ def feed_shapes(model: onnx.ModelProto, batch: int = 2, input_shapes: dict[str, 
 
 
 def random_values(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the given shapes: floats ~ N(0, 1), integers in [0, 4) (small: they may be indices)."""
+    """Random inputs of the given shapes: floats ~ N(0, 1), integers in [0, 4) (small: they may be indices); token
+    ids below their embedding table's rows and attention masks all ones (``data/tokens.py``), so a BERT-style model
+    runs (its token-type table may have 2 rows)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in model.graph.input:
@@ -160,7 +163,7 @@ def random_values(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: in
         dims = shapes[inp.name]
         values = rng.standard_normal(dims) if np.issubdtype(dtype, np.floating) else rng.integers(0, 4, dims)
         feeds[inp.name] = values.astype(dtype)
-    return feeds
+    return tokens.valid_tokens(tokens.token_rules(model), feeds, seed)
 
 
 def random_feeds(model: onnx.ModelProto, batch: int = 2, seed: int = 0,
