@@ -20,7 +20,8 @@ import re
 import onnx
 
 from onnxprune.errors import InputModelError
-from onnxprune.graph.index import subgraph_reads, without_weights
+from onnxprune.graph.index import subgraph_reads
+from onnxprune.graph.inference import without_weights
 from onnxprune.graph.io import LoadedModel, iter_tensors, uses_external_data
 
 ONNX_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})

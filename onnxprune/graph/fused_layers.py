@@ -17,7 +17,8 @@ from typing import Callable
 
 import onnx
 
-from onnxprune.graph.index import Shaped, attr, register_output_shapes
+from onnxprune.graph.index import attr
+from onnxprune.graph.inference import Shaped, register_output_shapes
 from onnxprune.graph.layers import LayerKind, layer_kind
 
 MS = "com.microsoft"

@@ -15,38 +15,18 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx
 
+from onnxprune.graph.inference import Dims, delete_items, infer_shapes
 from onnxprune.graph.io import LoadedModel
 
-Dims = list  # list[int | None]: None is an unknown (symbolic) size
 HINT_ROUNDS = 16  # onnx re-runs with completed shapes: one per chain of reshapes onnx cannot follow (opset 13)
 CACHE_LIMIT_BYTES = 256 * 1024  # larger weights are decoded again when needed: no second copy of a model
 SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "BatchNormalization", "LayerNormalization",
                     "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Gelu", "Erf", "Clip",
                     "Identity", "Dropout", "Softmax", "Mish", "Softplus", "PRelu", "Cast"}
-
-
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-Shaped = list  # list[int | str | None]: static size, symbolic name, or unknown
-OutputShapes = Callable[[onnx.NodeProto, Callable[[str], "Shaped | None"]], "list[Shaped | None] | None"]
-_OUTPUT_SHAPES: dict[tuple[str, str], OutputShapes] = {}
-
-
-def register_output_shapes(op: str, domain: str) -> Callable[[OutputShapes], OutputShapes]:
-    """Register the output shapes of an op onnx's inference does not know (onnxruntime's contrib ops): given the
-    node and the shapes of its inputs, the shape of each output (None: unknown; its dtype is that of the first float
-    input). Without them every tensor after such an op would have no shape, and no rule could couple channels
-    there."""
-
-    def decorate(fn: OutputShapes) -> OutputShapes:
-        _OUTPUT_SHAPES[(domain, op)] = fn
-        return fn
-
-    return decorate
 
 
 @dataclass
@@ -163,7 +143,7 @@ class GraphIndex:
         after folding, shapes computed from what were run-time constants may become known, so folding runs it too."""
         hints: dict[str, tuple[int, Dims]] = {}
         for _ in range(HINT_ROUNDS):  # shapes completed here go back to onnx, which carries them on to later ops
-            inferred = _infer_shapes(self.model.proto, self._input_shapes, hints) if self._infer else ({}, {})
+            inferred = infer_shapes(self.model.proto, self._input_shapes, hints) if self._infer else ({}, {})
             if inferred is None:  # onnx refused the hints: keep the last round
                 return
             self.shapes, self.dtypes = inferred
@@ -429,7 +409,7 @@ class GraphIndex:
     def remove_initializer(self, name: str) -> None:
         """Remove initializer ``name`` from the graph (its readers, if any, are the caller's business)."""
         tensor = self.initializers.pop(name)
-        _delete(self.graph.initializer, [tensor])
+        delete_items(self.graph.initializer, [tensor])
         self._forget_tensor(name)
         if any(i.name == name for i in self.graph.input):  # declared as an input too (IR < 4): now a real input
             self.graph_inputs.add(name)
@@ -443,11 +423,11 @@ class GraphIndex:
         unused = [name for name in self.initializers if not self.consumers.get(name) and name not in self.graph_outputs]
         if not unused:
             return 0
-        _delete(self.graph.initializer, [self.initializers.pop(name) for name in unused])
+        delete_items(self.graph.initializer, [self.initializers.pop(name) for name in unused])
         for name in unused:
             self._forget_tensor(name)
         gone = set(unused)
-        _delete(self.graph.input, [i for i in self.graph.input if i.name in gone])
+        delete_items(self.graph.input, [i for i in self.graph.input if i.name in gone])
         return len(unused)
 
     def remove_nodes(self, nodes: list[onnx.NodeProto]) -> None:
@@ -466,7 +446,7 @@ class GraphIndex:
             lost += [n for n, user in self.subgraph_users.items() if user is node]
         for name in lost:
             del self.subgraph_users[name]
-        _delete(self.graph.node, nodes)
+        delete_items(self.graph.node, nodes)
         if lost:  # another node's subgraph may read the same outer names
             for node in self.graph.node:
                 for name in subgraph_reads(node):
@@ -483,7 +463,7 @@ class GraphIndex:
         """Drop the graph's recorded shapes (``value_info``) of ``names``: they changed, and onnx re-infers them."""
         stale = [vi for vi in self.graph.value_info if vi.name in names]
         if stale:
-            _delete(self.graph.value_info, stale)
+            delete_items(self.graph.value_info, stale)
 
     def _forget_tensor(self, name: str) -> None:
         self._values.pop(name, None)
@@ -512,104 +492,3 @@ def _more_known(new: Dims, old: Dims) -> bool:
     """``new`` agrees with every known dim of ``old`` and knows more of them."""
     return (len(new) == len(old) and all(o is None or o == n for n, o in zip(new, old))
             and sum(n is not None for n in new) > sum(o is not None for o in old))
-
-
-def _delete(container, items: list) -> None:
-    """Delete ``items`` (by identity) from a repeated proto field. Deleting by position keeps every other element the
-    same Python object, which the maps hold; rebuilding the field (``del field[:]`` then ``extend``) would copy them
-    and leave the maps pointing at detached copies."""
-    doomed = {id(x) for x in items}
-    for k in reversed([k for k, x in enumerate(container) if id(x) in doomed]):
-        del container[k]
-
-
-def _infer_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]],
-                  hints: dict[str, tuple[int, Dims]] | None = None) -> tuple[dict, dict] | None:
-    """Static shape inference on a weight-free copy, so large models cost neither time nor memory; ``hints`` are
-    (element type, shape) known better than onnx infers them, given to it as ``value_info`` (it keeps the more
-    specific one); None when onnx fails with them."""
-    light = without_weights(proto)
-    if hints:
-        _delete(light.graph.value_info, [vi for vi in light.graph.value_info if vi.name in hints])
-        for name, (elem, dims) in hints.items():
-            light.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, dims))
-    for inp in light.graph.input:
-        if inp.name in input_shapes:
-            dims = inp.type.tensor_type.shape.dim
-            for d, value in zip(dims, input_shapes[inp.name]):
-                d.Clear()
-                d.dim_value = int(value)
-    imported = {o.domain for o in light.opset_import}
-    for domain in sorted({n.domain for n in light.graph.node} - imported - {"", "ai.onnx"}):
-        light.opset_import.append(onnx.helper.make_opsetid(domain, 1))  # onnxruntime's optimizer omits it
-    rounds = 1 + sum(1 for n in light.graph.node if (n.domain, n.op_type) in _OUTPUT_SHAPES)
-    for _ in range(rounds):  # onnx's inference runs again after each layer of ops it has no schema for
-        try:
-            inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-        except Exception:  # inference is best effort: unknown shapes only make rules more conservative
-            if hints:
-                return None
-            inferred = light
-        shaped, dtypes = _read_types(inferred.graph)
-        if not _add_registered_shapes(light, shaped, dtypes):
-            break
-    shapes = {name: [d if isinstance(d, int) else None for d in dims] for name, dims in shaped.items()}
-    return shapes, dtypes
-
-
-def _read_types(g: onnx.GraphProto) -> tuple[dict[str, Shaped], dict[str, int]]:
-    shapes: dict[str, Shaped] = {}
-    dtypes: dict[str, int] = {}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            continue
-        if tt.elem_type:
-            dtypes[vi.name] = tt.elem_type
-        if tt.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-    return shapes, dtypes
-
-
-def _add_registered_shapes(light: onnx.ModelProto, shapes: dict[str, Shaped], dtypes: dict[str, int]) -> bool:
-    """Record (as value_info of ``light``) the outputs of ops with registered shapes whose inputs are now known;
-    True when anything was added, so that onnx's inference runs again from there."""
-    added = False
-    for node in light.graph.node:
-        fn = _OUTPUT_SHAPES.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
-        if fn is None or all(not o or o in shapes for o in node.output):
-            continue
-        outs = fn(node, shapes.get)
-        dtype = next((dtypes[i] for i in node.input if dtypes.get(i) in _FLOATS), onnx.TensorProto.FLOAT)
-        for name, dims in zip(node.output, outs or []):
-            if not name or name in shapes or dims is None:
-                continue
-            light.graph.value_info.append(onnx.helper.make_tensor_value_info(name, dtype, list(dims)))
-            shapes[name] = list(dims)
-            added = True
-    return added
-
-
-def without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every initializer over 64 values replaced by a typed graph input of the same shape (shape
-    inference needs only the small ones, which hold shape constants)."""
-    out = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
-        setattr(out, field, getattr(proto, field))
-    out.opset_import.extend(proto.opset_import)
-    out.functions.extend(proto.functions)
-    graph, src = out.graph, proto.graph
-    graph.name = src.name
-    graph.node.extend(src.node)
-    graph.input.extend(src.input)
-    graph.output.extend(src.output)
-    graph.value_info.extend(src.value_info)
-    declared = {i.name for i in src.input}
-    for t in src.initializer:
-        if int(np.prod(t.dims, dtype=np.int64)) <= 64 and t.data_location != onnx.TensorProto.EXTERNAL:
-            graph.initializer.append(t)
-        elif t.name not in declared:
-            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    graph.sparse_initializer.extend(src.sparse_initializer)
-    return out
-

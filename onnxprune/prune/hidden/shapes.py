@@ -14,7 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from onnxprune.graph.index import GraphIndex, node_label, without_weights
+from onnxprune.graph.index import GraphIndex, node_label
+from onnxprune.graph.inference import without_weights
 from onnxprune.prune.hidden.norms import Refused
 
 
