@@ -55,7 +55,7 @@ def round_keep(n: int, target: float, multiple: int) -> int:
     return min(options, key=lambda k: (abs(k - target), k))
 
 
-def _matches(group: ChannelGroup, pattern: str) -> bool:
+def matches(group: ChannelGroup, pattern: str) -> bool:
     names = list(group.producers) + [d.tensor for d in group.dims]
     return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
@@ -88,7 +88,7 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
     plan = ChannelPlan()
     chosen: list[ChannelGroup] = []
     for group in groups.prunable():
-        if any(_matches(group, p) for p in exclude):
+        if any(matches(group, p) for p in exclude):
             plan.notes[group.id] = "excluded by --exclude"
         else:
             chosen.append(group)
@@ -98,7 +98,7 @@ def plan_channels(groups: GroupSet, ratio: float, scope: str = "layer", criterio
         scores, note = scored[group.id]
         if note:
             plan.notes[group.id] = note
-        group_ratio = next((r for p, r in layer_ratios if _matches(group, p)), ratio)
+        group_ratio = next((r for p, r in layer_ratios if matches(group, p)), ratio)
         candidates.append((group, group_ratio, scores))
     if scope == "layer":
         targets = {g.id: g.size * (1 - r) if r > 0 else float(g.size) for g, r, _ in candidates}

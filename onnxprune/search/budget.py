@@ -61,8 +61,7 @@ from onnxprune.passes.preflight import Preflight
 from onnxprune.passes.state import BudgetReport, BudgetRound, PruneOptions, PruneReport, PruneState
 from onnxprune.passes.steps import merge_rounds
 from onnxprune.pipeline import prune_file
-from onnxprune.prune.structured import _matches  # the --exclude/--layer-channels glob test, shared
-from onnxprune.prune.structured import ChannelPlan, allowed_keeps, apply_plan, round_keep
+from onnxprune.prune.structured import ChannelPlan, allowed_keeps, apply_plan, matches, round_keep
 from onnxprune.prune.verify import in_memory
 from onnxprune.recovery import registry as recovery_methods
 from onnxprune.recovery.recover import output_error, recover
@@ -70,6 +69,7 @@ from onnxprune.search.allocate import Levels, allocate
 from onnxprune.search.cost import cost_model
 from onnxprune.search.executor import run_tasks, worker_threads
 from onnxprune.search.latency_table import LatencyMeter, OrtMeter, interpolate, shrink_to_macs, table_counts
+from onnxprune.validate.providers import create_session
 
 DEFAULT_ROUNDS = 3  # the CLI's rounds without --steps (PruneOptions.steps, 1, for library callers)
 EXTRA_ROUNDS = 3  # at most this many more while the measured result misses the target
@@ -188,9 +188,9 @@ class _Planner:
         searched, fixed_groups = [], []
         for g in groups.prunable():
             self.sizes.setdefault(g.name, g.size)
-            if any(_matches(g, p) for p in options.exclude):
+            if any(matches(g, p) for p in options.exclude):
                 plan.notes[g.id] = "excluded by --exclude"
-            elif any(_matches(g, p) for p, _ in options.layer_channels):
+            elif any(matches(g, p) for p, _ in options.layer_channels):
                 fixed_groups.append(g)  # --layer-channels: its ratio, taken in the first round
             else:
                 searched.append(g)
@@ -199,7 +199,7 @@ class _Planner:
         order = {gid: np.argsort(scores, kind="stable") for gid, (scores, _) in scored.items()}
         fixed = {}
         for g in fixed_groups:
-            ratio = next(r for p, r in options.layer_channels if _matches(g, p))
+            ratio = next(r for p, r in options.layer_channels if matches(g, p))
             fixed[g.id] = g.size - round_keep(g.size, g.size * (1 - ratio), round_to) if first else 0
             plan.notes[g.id] = f"--layer-channels: {ratio:g} of its channels, not searched"
         cap = options.max_group_ratio if options.max_group_ratio is not None else DEFAULT_CAP
@@ -418,10 +418,7 @@ def _outputs(model: onnx.ModelProto, batches: list[Feed]) -> list[list[np.ndarra
 
 
 def _session(model: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return create_session(model, "CPUExecutionProvider", threads)[0]
 
 
 _PREPARED: dict[str, tuple[onnx.ModelProto, GroupSet]] = {}  # per process: the round's model and groups, by token
