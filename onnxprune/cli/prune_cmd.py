@@ -119,9 +119,6 @@ def prune_command(model: str, output: str | None, channels: float | None, hidden
         if not validation.data.path:
             raise ConfigError("--max-accuracy-drop with a --target-* is judged on held-out data: give --data")
         do_validate = True
-    if quant_recover is not None and quantize_kind != "int8":
-        raise ConfigError("--quant-recover compensates static int8's error: it needs --quantize int8")
-    quant_recover = quant_recover or DEFAULT_QUANT_RECOVERY
     if pattern and sparsity is not None:
         raise ConfigError("--pattern sets the sparsity itself; do not combine it with --sparsity")
     if steps is None:

@@ -47,6 +47,8 @@ class Preflight(Pass[PruneState]):
         if options.hidden:
             _check_hidden(options.steps, calibrated, state.model.external)
         check_budget(options, calibrated)
+        if options.quant_recover is not None and options.quantize != "int8":
+            raise ConfigError("--quant-recover compensates static int8's error: it needs --quantize int8")
         if options.quantize is not None:
             check_request(options.quantize, calibrated, state.model.external, state.model.proto)
             if options.sparse_storage:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from onnxprune.passes.base import Pass
 from onnxprune.passes.state import PruneState
-from onnxprune.quantize.run import quantize_model
+from onnxprune.quantize.run import DEFAULT_QUANT_RECOVERY, quantize_model
 
 
 class Quantize(Pass[PruneState]):
@@ -20,7 +20,7 @@ class Quantize(Pass[PruneState]):
     def run(self, state: PruneState) -> None:
         options, report = state.options, state.report
         report.quantization = quantize_model(state.model, options.quantize, options.quant_method, state.batches,
-                                             options.exclude, options.quant_recover)
+                                             options.exclude, options.quant_recover or DEFAULT_QUANT_RECOVERY)
         report.notes += report.quantization.notes
         report.structure_changed = True  # new nodes and tensors: the saved model is checked
         state.rebuild_index()

@@ -19,7 +19,6 @@ from onnxprune.graph.stats import ModelStats
 from onnxprune.prune.structured import ChannelPlan
 from onnxprune.prune.unstructured import UnstructuredResult
 from onnxprune.quantize import QuantizationResult
-from onnxprune.quantize.run import DEFAULT_QUANT_RECOVERY
 from onnxprune.recovery.recover import RecoveryResult, Reselect
 
 
@@ -51,7 +50,8 @@ class PruneOptions:
     steps: int = 1  # remove the channels in this many rounds, recovering after each (with --calib)
     quantize: str | None = None  # after recovery: a key of quantize.KINDS (int8 needs --calib)
     quant_method: str = "minmax"  # static int8's activation calibration: a key of quantize.METHODS
-    quant_recover: str = DEFAULT_QUANT_RECOVERY  # static int8's error compensation: a key of quantize.run.QUANT_RECOVERY
+    quant_recover: str | None = None  # static int8's error compensation, a key of quantize.run.QUANT_RECOVERY (None:
+    # DEFAULT_QUANT_RECOVERY); given without --quantize int8 it is refused by preflight
     hidden: float | None = None  # fraction of a transformer's hidden (residual-stream) width to remove (--calib)
     # budgets instead of ratios (search/budget.py): keep at most this fraction of the original's MACs, parameters or
     # median latency on latency_provider; the search chooses every group's ratio
